@@ -1,0 +1,136 @@
+"""`create_app(settings)` → the aiohttp Application: every door, and the engine and outbox behind them.
+
+Nothing lives at module level: two apps in one process (the tests do it) share nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncApp
+
+from bot.crypto import Keyring, load_master_keys
+from bot.engine.intake import Intake
+from bot.engine.loader import Catalog
+from bot.engine.runner import Runner
+from bot.engine.worker import Engine
+from bot.hooks import WebhookDoor
+from bot.masking import LogMasker
+from bot.metrics import CONTENT_TYPE, Metrics
+from bot.services import Services
+from bot.settings import Settings
+from bot.slack.client import SlackApi, StaticToken, TeamPoster
+from bot.slack.listeners import build_bolt_app
+from bot.slack.outbox import Outbox
+from bot.slack.people import People
+from bot.store import migrate
+from bot.store.db import Database
+from bot.store.inbox import Inbox
+from integrations.httpclient import HttpClient
+
+log = logging.getLogger(__name__)
+
+SERVICES = web.AppKey("services", Services)
+BOLT = web.AppKey("bolt", AsyncApp)
+
+
+def default_key_file(settings: Settings) -> Path:
+    return Path("relaybot.key")
+
+
+def process_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def build_services(settings: Settings, *, catalog: Catalog | None = None, log_masker: LogMasker | None = None,
+                   key_file: Path | None = None) -> Services:
+    """Everything the doors need; nothing is started or connected yet."""
+    from datetime import timedelta
+
+    from bot.hooks import ConnectionCache
+
+    db = Database(settings.database_url)
+    catalog = catalog if catalog is not None else Catalog.load([settings.workflows_dir])
+    keyring = Keyring(load_master_keys(keys=settings.master_keys, key_file=settings.master_key_file,
+                                       default_file=key_file or default_key_file(settings)))
+    metrics = Metrics()
+    if not settings.slack_bot_token:
+        from bot.errors import ConfigError
+
+        raise ConfigError("SLACK_BOT_TOKEN is required (OAuth installs are not available yet)")
+    slack = SlackApi(base_url=settings.slack_api_url, tokens=StaticToken(settings.slack_bot_token),
+                     metrics=metrics)
+    owner = process_owner()
+    lease = timedelta(seconds=settings.lease_seconds)
+    log_masker = log_masker or LogMasker()
+    http = HttpClient(allow=settings.http_allow, timeout=settings.http_timeout,
+                      max_response=settings.http_max_response)
+    outbox = Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=settings.slack_channel_rate,
+                    poll_interval=settings.worker_poll_interval, lease=lease)
+    intake = Intake(db=db, catalog=catalog)
+    runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
+                    slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
+                    log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls())
+    engine = Engine(db=db, intake=intake, runner=runner, owner=owner, lease=lease,
+                    poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup)
+    services = Services(settings=settings, db=db, catalog=catalog, keyring=keyring, metrics=metrics, slack=slack,
+                        people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,
+                        engine=engine, outbox=outbox, log_masker=log_masker, connections=ConnectionCache(),
+                        http=http)
+    return services
+
+
+def create_app(settings: Settings, *, services: Services | None = None, run_workers: bool = True) -> web.Application:
+    services = services or build_services(settings)
+    services.log_masker.install()
+    bolt = build_bolt_app(services)
+    door = WebhookDoor(db=services.db, keyring=services.keyring, inbox=services.inbox, metrics=services.metrics,
+                       max_body=settings.max_body, on_stored=services.engine.wake)
+    door.cache = services.connections
+    app = web.Application(client_max_size=settings.max_body + 1024 * 1024)
+    app[SERVICES] = services
+    app[BOLT] = bolt
+
+    async def slack_events(request: web.Request) -> web.Response:
+        bolt_request = await to_bolt_request(request)
+        return await to_aiohttp_response(await bolt.async_dispatch(bolt_request))
+
+    async def healthz(request: web.Request) -> web.Response:
+        try:
+            await services.db.ping()
+        except Exception as exc:
+            return web.json_response({"ok": False, "database": f"unreachable: {type(exc).__name__}"}, status=503)
+        return web.json_response({"ok": True, "database": "ok", "workflows": len(services.catalog)})
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = await services.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_post("/slack/events", slack_events)
+    app.router.add_post("/hooks/{connection_id}", door.handle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application) -> Any:
+        await migrate.upgrade(services.db)
+        if run_workers:
+            await services.engine.start()
+            await services.outbox.start()
+        log.info("relaybot ready: %d workflows, database %s", len(services.catalog), services.db.dialect)
+        yield
+        if run_workers:
+            await services.engine.stop()
+            await services.outbox.stop()
+        await services.inbox.close()
+        await services.http.close()
+        await services.slack.close()
+        await services.db.dispose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

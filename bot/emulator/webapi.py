@@ -1,0 +1,472 @@
+"""A Slack-compatible Web API on a local port: the methods relaybot calls, with Slack's answers and errors.
+
+It keeps workspaces, users, user groups, channels, messages, threads, ephemeral replies and views, records
+every call, and can be told to fail (429 with Retry-After, 5xx, an error name). It talks to the bot only as
+Slack does: the bot calls its Web API, and it sends the bot signed requests (`slash_command`, `click`) at
+`/slack/events`. `relaybot dev` serves a web page on top of it; the tests use it as their fake Slack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
+from aiohttp import web
+
+
+@dataclass
+class Call:
+    method: str
+    args: dict[str, Any]
+    token: str | None
+    team_id: str | None
+    status: int
+    response: dict[str, Any]
+    at: float
+
+
+@dataclass
+class User:
+    id: str
+    name: str
+    team_id: str
+    is_admin: bool = False
+    is_owner: bool = False
+    is_bot: bool = False
+    is_restricted: bool = False
+    is_ultra_restricted: bool = False
+    deleted: bool = False
+
+    def to_api(self) -> dict[str, Any]:
+        return {"id": self.id, "team_id": self.team_id, "name": self.name, "real_name": self.name,
+                "deleted": self.deleted, "is_admin": self.is_admin, "is_owner": self.is_owner,
+                "is_primary_owner": self.is_owner, "is_bot": self.is_bot, "is_restricted": self.is_restricted,
+                "is_ultra_restricted": self.is_ultra_restricted,
+                "profile": {"display_name": self.name, "real_name": self.name}}
+
+
+@dataclass
+class Message:
+    ts: str
+    channel: str
+    text: str
+    blocks: list[dict[str, Any]] | None
+    thread_ts: str | None
+    user: str
+    edited: int = 0
+    metadata: dict[str, Any] | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": "message", "ts": self.ts, "text": self.text, "user": self.user}
+        if self.blocks is not None:
+            data["blocks"] = self.blocks
+        if self.thread_ts:
+            data["thread_ts"] = self.thread_ts
+        return data
+
+
+@dataclass
+class Team:
+    id: str
+    name: str
+    bot_token: str
+    bot_user_id: str
+    users: dict[str, User] = field(default_factory=dict)
+    usergroups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    channels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, list[Message]] = field(default_factory=lambda: defaultdict(list))
+    ephemeral: list[dict[str, Any]] = field(default_factory=list)
+    home_views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modals: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    status: int = 200
+    error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    remaining: int = 1
+
+
+def sign(signing_secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+    stamp = str(timestamp if timestamp is not None else int(time.time()))
+    base = b"v0:" + stamp.encode() + b":" + body
+    signature = "v0=" + hmac.new(signing_secret.encode(), base, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature}
+
+
+class SlackEmulator:
+    def __init__(self, *, signing_secret: str = "emulator-signing-secret") -> None:
+        self.signing_secret = signing_secret
+        self.teams: dict[str, Team] = {}
+        self.calls: list[Call] = []
+        self.responses: list[dict[str, Any]] = []  # what arrived at response_url
+        self.failures: dict[str, list[Failure]] = defaultdict(list)
+        self.bot_url: str | None = None
+        self.base_url = ""
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._ts = itertools.count(1)
+        self._response_urls: dict[str, tuple[str, str, str]] = {}  # id -> (team, channel, user)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.changed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def add_team(self, team_id: str, name: str | None = None, *, bot_token: str | None = None) -> Team:
+        team = Team(id=team_id, name=name or team_id.lower(), bot_token=bot_token or f"xoxb-{team_id}-{secrets.token_hex(6)}",
+                    bot_user_id=f"UB{team_id[1:]}"[:11])
+        self.teams[team_id] = team
+        return team
+
+    def add_user(self, team_id: str, user_id: str, name: str, **flags: bool) -> User:
+        user = User(id=user_id, name=name, team_id=team_id, **flags)
+        self.teams[team_id].users[user_id] = user
+        return user
+
+    def add_usergroup(self, team_id: str, group_id: str, handle: str, members: list[str]) -> None:
+        self.teams[team_id].usergroups[group_id] = {"id": group_id, "handle": handle, "name": handle,
+                                                    "users": list(members)}
+
+    def add_channel(self, team_id: str, channel_id: str, name: str, *, bot_member: bool = True) -> None:
+        self.teams[team_id].channels[channel_id] = {"id": channel_id, "name": name, "is_member": bot_member}
+
+    def fail(self, method: str, *, status: int = 200, error: str | None = None,
+             headers: dict[str, str] | None = None, times: int = 1) -> None:
+        """Make the next `times` calls of `method` fail (status 429/5xx, or `ok: false` with `error`)."""
+        self.failures[method].append(Failure(status=status, error=error, headers=headers or {}, remaining=times))
+
+    # ------------------------------------------------------------------------------------------ server
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_post("/response/{response_id}", self._response_url)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application()
+        self.routes(app)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = self._runner.addresses[0][1]
+        self.base_url = f"http://{host}:{bound}"
+        return self.base_url
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.base_url}/api/"
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _team_for_token(self, token: str | None) -> Team | None:
+        for team in self.teams.values():
+            if token == team.bot_token:
+                return team
+        return None
+
+    async def _args(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if request.content_type == "application/json":
+            return json.loads(raw or b"{}")
+        args: dict[str, Any] = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+        args.update(request.query)
+        for key in ("blocks", "view", "metadata"):
+            if isinstance(args.get(key), str):
+                try:
+                    args[key] = json.loads(args[key])
+                except ValueError:
+                    pass
+        return args
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args = await self._args(request)
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ").strip() or args.get("token")
+        team = self._team_for_token(token)
+        status, headers, payload = 200, {}, None
+        queue = self.failures.get(method)
+        if queue:
+            failure = queue[0]
+            failure.remaining -= 1
+            if failure.remaining <= 0:
+                queue.pop(0)
+            status, headers = failure.status, failure.headers
+            payload = {"ok": False, "error": failure.error or ("ratelimited" if status == 429 else "internal_error")}
+        elif method == "oauth.v2.access":
+            payload = self._oauth_access(args)
+        elif team is None:
+            payload = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
+        else:
+            handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+            payload = handler(team, args) if handler else {"ok": False, "error": "unknown_method"}
+        self.calls.append(Call(method=method, args=args, token=token, team_id=team.id if team else None,
+                               status=status, response=payload, at=time.time()))
+        self._notify(method, args)
+        return web.json_response(payload, status=status, headers=headers)
+
+    def _notify(self, method: str, args: dict[str, Any]) -> None:
+        self.changed.set()
+        for listener in self.listeners:
+            listener(method, args)
+
+    def _next_ts(self) -> str:
+        return f"{int(time.time())}.{next(self._ts):06d}"
+
+    # ------------------------------------------------------------------------------------------ methods
+
+    def _m_auth_test(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "url": f"https://{team.name}.slack.com/", "team": team.name, "user": "relaybot",
+                "team_id": team.id, "user_id": team.bot_user_id, "bot_id": "B" + team.bot_user_id[2:]}
+
+    def _channel_error(self, team: Team, channel: str | None) -> str | None:
+        if not channel:
+            return "channel_not_found"
+        info = team.channels.get(channel)
+        if info is None:
+            return "channel_not_found"
+        if not info.get("is_member", True):
+            return "not_in_channel"
+        return None
+
+    def _m_chat_postMessage(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel = args.get("channel")
+        error = self._channel_error(team, channel)
+        if error:
+            return {"ok": False, "error": error}
+        if not args.get("text") and not args.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        message = Message(ts=self._next_ts(), channel=channel, text=args.get("text", ""), blocks=args.get("blocks"),
+                          thread_ts=args.get("thread_ts"), user=team.bot_user_id, metadata=args.get("metadata"))
+        team.messages[channel].append(message)
+        return {"ok": True, "channel": channel, "ts": message.ts, "message": message.to_api()}
+
+    def _m_chat_update(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = args.get("channel"), args.get("ts")
+        message = self.message(team.id, channel or "", ts or "")
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if "text" in args:
+            message.text = args["text"]
+        if "blocks" in args:
+            message.blocks = args["blocks"]
+        message.edited += 1
+        return {"ok": True, "channel": channel, "ts": ts, "text": message.text}
+
+    def _m_chat_postEphemeral(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        error = self._channel_error(team, args.get("channel"))
+        if error:
+            return {"ok": False, "error": error}
+        team.ephemeral.append({"channel": args.get("channel"), "user": args.get("user"), "text": args.get("text"),
+                               "blocks": args.get("blocks")})
+        return {"ok": True, "message_ts": self._next_ts()}
+
+    def _m_chat_getPermalink(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "permalink": f"{self.base_url}/archives/{args.get('channel')}/p{args.get('message_ts')}"}
+
+    def _m_users_info(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        user = team.users.get(args.get("user", ""))
+        if user is None:
+            return {"ok": False, "error": "user_not_found"}
+        return {"ok": True, "user": user.to_api()}
+
+    def _m_usergroups_list(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        groups = [{key: value for key, value in group.items() if key != "users"} for group in team.usergroups.values()]
+        return {"ok": True, "usergroups": groups}
+
+    def _m_usergroups_users_list(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        group = team.usergroups.get(args.get("usergroup", ""))
+        if group is None:
+            return {"ok": False, "error": "no_such_subteam"}
+        return {"ok": True, "users": list(group["users"])}
+
+    def _m_conversations_info(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        info = team.channels.get(args.get("channel", ""))
+        if info is None:
+            return {"ok": False, "error": "channel_not_found"}
+        return {"ok": True, "channel": dict(info)}
+
+    def _m_conversations_join(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        info = team.channels.get(args.get("channel", ""))
+        if info is None:
+            return {"ok": False, "error": "channel_not_found"}
+        info["is_member"] = True
+        return {"ok": True, "channel": dict(info)}
+
+    def _m_conversations_history(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel = args.get("channel", "")
+        messages = [m.to_api() | ({"metadata": m.metadata} if m.metadata else {})
+                    for m in reversed(team.messages.get(channel, [])) if not m.thread_ts]
+        return {"ok": True, "messages": messages[: int(args.get("limit", 100))]}
+
+    def _m_views_open(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        view = dict(args.get("view") or {})
+        view_id = "V" + secrets.token_hex(5).upper()
+        view["id"] = view_id
+        team.modals[view_id] = {"view": view, "trigger_id": args.get("trigger_id"), "open": True}
+        return {"ok": True, "view": view}
+
+    def _m_views_update(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        view_id = args.get("view_id", "")
+        if view_id not in team.modals:
+            return {"ok": False, "error": "not_found"}
+        team.modals[view_id]["view"] = {**(args.get("view") or {}), "id": view_id}
+        return {"ok": True, "view": team.modals[view_id]["view"]}
+
+    def _m_views_publish(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        user_id = args.get("user_id", "")
+        team.home_views[user_id] = dict(args.get("view") or {})
+        return {"ok": True, "view": team.home_views[user_id]}
+
+    def _oauth_access(self, args: dict[str, Any]) -> dict[str, Any]:
+        code = args.get("code", "")
+        for team in self.teams.values():
+            if code == f"code-{team.id}":
+                return {"ok": True, "access_token": team.bot_token, "token_type": "bot", "scope": "commands,chat:write",
+                        "bot_user_id": team.bot_user_id, "app_id": "A0RELAYBOT",
+                        "team": {"id": team.id, "name": team.name}, "enterprise": None,
+                        "authed_user": {"id": next(iter(team.users), "U0")}, "is_enterprise_install": False}
+        return {"ok": False, "error": "invalid_code"}
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        response_id = request.match_info["response_id"]
+        target = self._response_urls.get(response_id)
+        if target is None:
+            return web.Response(status=404, text="expired_url")
+        payload = await request.json()
+        team_id, channel, user = target
+        record = {"team": team_id, "channel": channel, "user": user, **payload}
+        self.responses.append(record)
+        team = self.teams[team_id]
+        if payload.get("response_type") == "in_channel":
+            team.messages[channel].append(Message(ts=self._next_ts(), channel=channel, text=payload.get("text", ""),
+                                                  blocks=payload.get("blocks"), thread_ts=None, user=team.bot_user_id))
+        else:
+            team.ephemeral.append({"channel": channel, "user": user, "text": payload.get("text"),
+                                   "blocks": payload.get("blocks")})
+        self._notify("response_url", record)
+        return web.Response(text="ok")
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def message(self, team_id: str, channel: str, ts: str) -> Message | None:
+        for message in self.teams[team_id].messages.get(channel, []):
+            if message.ts == ts:
+                return message
+        return None
+
+    def channel_messages(self, team_id: str, channel: str) -> list[Message]:
+        return [m for m in self.teams[team_id].messages.get(channel, []) if not m.thread_ts]
+
+    def thread(self, team_id: str, channel: str, ts: str) -> list[Message]:
+        return [m for m in self.teams[team_id].messages.get(channel, []) if m.thread_ts == ts]
+
+    def calls_of(self, method: str) -> list[Call]:
+        return [call for call in self.calls if call.method == method]
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Wait until `predicate()` returns something truthy (re-checked after every call)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the Slack emulator did not see what was expected in time")
+            self.changed.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.05)):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------------------------------ to the bot
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _new_response_url(self, team_id: str, channel: str, user: str) -> str:
+        response_id = secrets.token_hex(8)
+        self._response_urls[response_id] = (team_id, channel, user)
+        return f"{self.base_url}/response/{response_id}"
+
+    async def send_to_bot(self, body: bytes, content_type: str, *, headers: dict[str, str] | None = None,
+                          signing_secret: str | None = None, timestamp: int | None = None) -> tuple[int, str]:
+        assert self.bot_url, "set emulator.bot_url to the bot's base URL first"
+        signed = sign(signing_secret or self.signing_secret, body, timestamp)
+        async with self._http().post(f"{self.bot_url}/slack/events", data=body,
+                                     headers={"Content-Type": content_type, **signed, **(headers or {})}) as response:
+            return response.status, await response.text()
+
+    async def slash_command(self, team_id: str, channel: str, user: str, text: str, *, command: str = "/relay",
+                            **send: Any) -> tuple[int, str]:
+        team = self.teams[team_id]
+        person = team.users.get(user)
+        form = {
+            "token": "legacy-verification-token", "team_id": team_id, "team_domain": team.name,
+            "channel_id": channel, "channel_name": team.channels.get(channel, {}).get("name", channel),
+            "user_id": user, "user_name": person.name if person else user, "command": command, "text": text,
+            "api_app_id": "A0RELAYBOT", "is_enterprise_install": "false",
+            "response_url": self._new_response_url(team_id, channel, user),
+            "trigger_id": f"{int(time.time())}.{secrets.randbelow(10**9)}.{secrets.token_hex(16)}",
+        }
+        return await self.send_to_bot(urlencode(form).encode(), "application/x-www-form-urlencoded", **send)
+
+    def block_actions_payload(self, team_id: str, channel: str, user: str, message_ts: str, action_id: str,
+                              *, snapshot: Message | None = None) -> dict[str, Any]:
+        """The payload Slack sends for a button click; `snapshot` is the message as a (stale) client shows it."""
+        team = self.teams[team_id]
+        message = snapshot or self.message(team_id, channel, message_ts)
+        if message is None:
+            raise KeyError(f"no message {message_ts} in {channel}")
+        for block in message.blocks or []:
+            for element in block.get("elements", []) if block.get("type") == "actions" else []:
+                if element.get("action_id") == action_id:
+                    person = team.users.get(user)
+                    return {
+                        "type": "block_actions", "team": {"id": team_id, "domain": team.name},
+                        "user": {"id": user, "username": person.name if person else user,
+                                 "name": person.name if person else user, "team_id": team_id},
+                        "api_app_id": "A0RELAYBOT", "token": "legacy-verification-token",
+                        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel,
+                                      "is_ephemeral": False},
+                        "trigger_id": f"{int(time.time())}.{secrets.randbelow(10**9)}.{secrets.token_hex(16)}",
+                        "channel": {"id": channel, "name": team.channels.get(channel, {}).get("name", channel)},
+                        "message": message.to_api(),
+                        "response_url": self._new_response_url(team_id, channel, user),
+                        "actions": [{"type": "button", "action_id": action_id, "block_id": block.get("block_id"),
+                                     "text": element.get("text"), "value": element.get("value"),
+                                     "action_ts": f"{time.time():.6f}"}],
+                    }
+        raise KeyError(f"message {message_ts} has no button {action_id!r}")
+
+    async def click(self, team_id: str, channel: str, user: str, message_ts: str, action_id: str,
+                    *, snapshot: Message | None = None, **send: Any) -> tuple[int, str]:
+        payload = self.block_actions_payload(team_id, channel, user, message_ts, action_id, snapshot=snapshot)
+        body = urlencode({"payload": json.dumps(payload)}).encode()
+        return await self.send_to_bot(body, "application/x-www-form-urlencoded", **send)
+
+    async def send_event(self, team_id: str, event: dict[str, Any], **send: Any) -> tuple[int, str]:
+        body = json.dumps({"token": "legacy-verification-token", "team_id": team_id, "api_app_id": "A0RELAYBOT",
+                           "event": event, "type": "event_callback", "event_id": "Ev" + secrets.token_hex(5).upper(),
+                           "event_time": int(time.time())}).encode()
+        return await self.send_to_bot(body, "application/json", **send)

@@ -1,0 +1,235 @@
+"""CEL expressions and `${{ }}` templates.
+
+Only strings from workflow files are parsed; they are compiled once when the catalog loads. Rendering inserts
+values into the result and never parses them again, so event data stays data however often it is passed on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import cel
+
+from bot.errors import ExpressionError
+
+OPEN, CLOSE = "${{", "}}"
+CONTEXT_NAMES = frozenset({"event", "trigger", "params", "secrets", "steps", "run"})
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _cel_message(exc: Exception) -> str:
+    text = str(exc)
+    match = re.search(r"ERROR: <input>:(\d+):(\d+): (.*?)\n", text)
+    if match:
+        return f"column {match.group(2)}: {match.group(3)}"
+    return _first_line(text)
+
+
+@dataclass(frozen=True)
+class Expression:
+    source: str
+    program: Any
+
+    def evaluate(self, context: dict[str, Any]) -> Any:
+        try:
+            return self.program.execute(context)
+        except KeyError as exc:
+            raise ExpressionError(f"`{self.source}`: no such key {exc}") from None
+        except Exception as exc:  # CEL raises ValueError, TypeError, ZeroDivisionError, RuntimeError...
+            raise ExpressionError(f"`{self.source}`: {_first_line(str(exc))}") from None
+
+    def truthy(self, context: dict[str, Any]) -> bool:
+        value = self.evaluate(context)
+        if not isinstance(value, bool):
+            raise ExpressionError(f"`{self.source}` must give true or false, not {type(value).__name__}")
+        return value
+
+    def references(self) -> set[str]:
+        return set(self.program.variables())
+
+    def step_references(self) -> set[str]:
+        return step_references(self.source)
+
+
+def compile_expression(source: str) -> Expression:
+    source = source.strip()
+    if not source:
+        raise ExpressionError("empty expression")
+    try:
+        program = cel.compile(source)
+    except Exception as exc:
+        raise ExpressionError(f"`{source}`: {_cel_message(exc)}") from None
+    unknown = set(program.variables()) - CONTEXT_NAMES - _bound_names(source)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        raise ExpressionError(f"`{source}`: unknown name {names} (use event, trigger, params, secrets, steps or "
+                              "run)")
+    return Expression(source=source, program=program)
+
+
+_MACRO_BINDING = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
+_STRING_LITERAL = re.compile(r"""(?:[rR]?[bB]?)("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""")
+
+
+def _bound_names(source: str) -> set[str]:
+    return set(_MACRO_BINDING.findall(_STRING_LITERAL.sub('""', source)))
+
+
+def step_references(source: str) -> set[str]:
+    """Step ids named in `steps.<id>` or `steps["<id>"]` (string literals elsewhere ignored)."""
+    names = set(re.findall(r"""\bsteps\s*\[\s*["']([^"']+)["']\s*\]""", source))
+    stripped = _STRING_LITERAL.sub('""', source)
+    names |= set(re.findall(r"\bsteps\s*\.\s*([A-Za-z_][\w]*)", stripped))
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ templates
+
+
+def format_value(value: Any) -> str:
+    """How a value reads when it is part of a longer string."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if abs(value) < 1e15 else str(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def _split_template(text: str) -> list[str | Expression]:
+    parts: list[str | Expression] = []
+    position = 0
+    while True:
+        start = text.find(OPEN, position)
+        if start < 0:
+            if position < len(text):
+                parts.append(text[position:])
+            return parts
+        if start > position:
+            parts.append(text[position:start])
+        end = _find_close(text, start + len(OPEN))
+        if end < 0:
+            raise ExpressionError(f"`{text}`: `${{{{` is never closed by `}}}}`")
+        parts.append(compile_expression(text[start + len(OPEN):end]))
+        position = end + len(CLOSE)
+
+
+def _find_close(text: str, position: int) -> int:
+    """Index of the `}}` that ends an interpolation, skipping string literals inside it."""
+    quote: str | None = None
+    index = position
+    while index < len(text):
+        char = text[index]
+        if quote:
+            if char == "\\":
+                index += 2
+                continue
+            if char == quote:
+                quote = None
+        elif char in ("'", '"'):
+            quote = char
+        elif text.startswith(CLOSE, index):
+            return index
+        index += 1
+    return -1
+
+
+@dataclass(frozen=True)
+class Template:
+    """A string from a workflow file, compiled. `render` of exactly one `${{ }}` keeps the value's type."""
+
+    source: str
+    parts: tuple[str | Expression, ...]
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(part, str) for part in self.parts)
+
+    def expressions(self) -> list[Expression]:
+        return [part for part in self.parts if isinstance(part, Expression)]
+
+    def render(self, context: dict[str, Any]) -> Any:
+        if len(self.parts) == 1 and isinstance(self.parts[0], Expression):
+            return self.parts[0].evaluate(context)
+        return "".join(part if isinstance(part, str) else format_value(part.evaluate(context))
+                       for part in self.parts)
+
+
+def compile_template(text: str) -> Template:
+    return Template(source=text, parts=tuple(_split_template(text)))
+
+
+def has_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return OPEN in value
+    if isinstance(value, dict):
+        return any(has_template(item) for item in value.values())
+    if isinstance(value, list):
+        return any(has_template(item) for item in value)
+    return False
+
+
+@dataclass(frozen=True)
+class CompiledValue:
+    """Any YAML value with its templates compiled: strings become Templates, containers are walked."""
+
+    value: Any
+
+    def render(self, context: dict[str, Any]) -> Any:
+        return _render(self.value, context)
+
+    def templates(self) -> list[Template]:
+        found: list[Template] = []
+        _collect(self.value, found)
+        return found
+
+
+def compile_value(value: Any) -> CompiledValue:
+    return CompiledValue(_compile(value))
+
+
+def _compile(value: Any) -> Any:
+    if isinstance(value, str):
+        return compile_template(value) if OPEN in value else value
+    if isinstance(value, dict):
+        return {key: _compile(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_compile(item) for item in value]
+    return value
+
+
+def _render(value: Any, context: dict[str, Any]) -> Any:
+    if isinstance(value, Template):
+        return value.render(context)
+    if isinstance(value, dict):
+        return {key: _render(item, context) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_render(item, context) for item in value]
+    return value
+
+
+def _collect(value: Any, found: list[Template]) -> None:
+    if isinstance(value, Template):
+        found.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _collect(item, found)

@@ -1,0 +1,196 @@
+"""Inbox → runs: every pending event starts one run per subscription that wants it.
+
+Events are taken in batches; each batch is one transaction that marks the events processed and writes the
+runs, their steps, their first audit records and their cards' outbox rows. `(event, subscription)` is unique
+on runs, so an event can never start two runs for one subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.audit import Actor
+from bot.engine import journal, states
+from bot.engine.cards import render_card
+from bot.engine.context import trigger_data
+from bot.engine.loader import Catalog, CompiledWorkflow
+from bot.errors import ExpressionError
+from bot.ids import new_run_id
+from bot.slack import messages
+from bot.store.db import Database
+from bot.store.inbox import NewEvent
+from bot.store.models import Event, Run, Step, Subscription, WorkflowVersion
+from integrations.base import ParsedEvent
+from integrations.registry import INTEGRATIONS
+
+log = logging.getLogger(__name__)
+
+
+def event_actor(event: Event) -> Actor:
+    if event.started_by:
+        return Actor(event.started_by, event.headers.get("user_name") if event.headers else None)
+    if event.source in ("schedule", "poll"):
+        return Actor(event.source)
+    return Actor(f"webhook:{event.source}")
+
+
+def params_with_defaults(workflow: CompiledWorkflow, given: dict[str, Any]) -> dict[str, Any]:
+    params = {name: spec.default for name, spec in workflow.model.params.items()}
+    params.update(given)
+    return params
+
+
+@dataclass
+class Match:
+    workflow: CompiledWorkflow
+    channel_id: str
+    params: dict[str, Any]
+    subscription: Subscription | None = None
+
+
+def _wants(workflow: CompiledWorkflow, event: Event) -> bool:
+    """Does the workflow's trigger for this event's source accept it (the `events:` filter)?"""
+    config = workflow.triggers.get(event.source)
+    if config is None:
+        return False
+    integration_class = INTEGRATIONS.get(event.source)
+    if integration_class is None:
+        return True
+    parsed = ParsedEvent(kind=event.kind, payload=event.payload, delivery_id=event.delivery_id,
+                         summary=event.summary, event_name=event.event_name, actionable=event.actionable)
+    return integration_class().matches(config, parsed)  # type: ignore[arg-type]
+
+
+def _condition(workflow: CompiledWorkflow, event: Event, params: dict[str, Any]) -> bool:
+    if workflow.if_ is None:
+        return True
+    context = {"event": event.payload, "trigger": trigger_data(event), "params": params,
+               "run": {"workflow": workflow.name}}
+    try:
+        return workflow.if_.truthy(context)
+    except ExpressionError as exc:
+        # An event of another shape (a push where a pull request was expected) simply does not match.
+        log.info("workflow %s: `if:` does not hold for event %s: %s", workflow.name, event.id, exc)
+        return False
+
+
+async def _matches(session: AsyncSession, catalog: Catalog, event: Event) -> list[Match]:
+    if event.target_workflow is not None:  # `/relay run`: this workflow, in this channel
+        workflow = catalog.get(event.target_workflow)
+        if workflow is None or event.target_channel is None:
+            return []
+        subscription = (await session.execute(select(Subscription).where(
+            Subscription.team_id == event.team_id, Subscription.channel_id == event.target_channel,
+            Subscription.workflow == workflow.name))).scalar_one_or_none()
+        params = params_with_defaults(workflow, subscription.params if subscription else {})
+        if isinstance(event.payload, dict):
+            params.update({key: value for key, value in event.payload.items() if key in workflow.model.params})
+        return [Match(workflow, event.target_channel, params, subscription)]
+    if event.subscription_id is not None:  # a poll or schedule of one subscription
+        subscription = await session.get(Subscription, event.subscription_id)
+        if subscription is None or subscription.team_id != event.team_id:
+            return []
+        workflow = catalog.get(subscription.workflow)
+        if workflow is None:
+            return []
+        return [Match(workflow, subscription.channel_id, params_with_defaults(workflow, subscription.params),
+                      subscription)]
+    names = [workflow.name for workflow in catalog if event.source in workflow.triggers]
+    if not names:
+        return []
+    rows = await session.execute(select(Subscription).where(Subscription.team_id == event.team_id,
+                                                            Subscription.workflow.in_(names))
+                                 .order_by(Subscription.id))
+    found: list[Match] = []
+    for subscription in rows.scalars():
+        workflow = catalog.get(subscription.workflow)
+        if workflow is None or not _wants(workflow, event):
+            continue
+        params = params_with_defaults(workflow, subscription.params)
+        if _condition(workflow, event, params):
+            found.append(Match(workflow, subscription.channel_id, params, subscription))
+    return found
+
+
+class Intake:
+    def __init__(self, *, db: Database, catalog: Catalog, batch_size: int = 200) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.batch_size = batch_size
+        self._stored_versions: set[str] = set()
+
+    async def process_batch(self) -> int:
+        """Turn up to `batch_size` pending events into runs; returns how many events were taken."""
+        now = datetime.now(UTC)
+        async with self.db.write() as session:
+            query = (select(Event).where(Event.processed_at.is_(None)).order_by(Event.id)
+                     .limit(self.batch_size))
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            events = list((await session.execute(query)).scalars())
+            if not events:
+                return 0
+            for event in events:
+                for match in await _matches(session, self.catalog, event):
+                    await self._start_run(session, event, match, now)
+            await session.execute(update(Event).where(Event.id.in_([event.id for event in events]))
+                                  .values(processed_at=now))
+        return len(events)
+
+    async def start_now(self, new_event: NewEvent) -> str:
+        """Store a `/relay run` event and start its run in the same transaction; returns the run id."""
+        now = datetime.now(UTC)
+        async with self.db.write() as session:
+            event = Event(**{**new_event.row(), "processed_at": now})
+            session.add(event)
+            await session.flush()
+            matches = await _matches(session, self.catalog, event)
+            if not matches:
+                raise LookupError(f"workflow {new_event.target_workflow} is not in the catalog")
+            run = await self._start_run(session, event, matches[0], now)
+        return run.id
+
+    async def _store_version(self, session: AsyncSession, workflow: CompiledWorkflow, now: datetime) -> None:
+        if workflow.hash in self._stored_versions:
+            return
+        if await session.get(WorkflowVersion, workflow.hash) is None:
+            session.add(WorkflowVersion(hash=workflow.hash, name=workflow.name, path=workflow.path,
+                                        source=workflow.source, created_at=now))
+            await session.flush()
+        self._stored_versions.add(workflow.hash)
+
+    async def _start_run(self, session: AsyncSession, event: Event, match: Match, now: datetime) -> Run:
+        workflow = match.workflow
+        await self._store_version(session, workflow, now)
+        run = Run(id=new_run_id(), team_id=event.team_id,
+                  subscription_id=match.subscription.id if match.subscription else None,
+                  event_id=event.id, workflow=workflow.name, workflow_hash=workflow.hash,
+                  channel_id=match.channel_id, state=states.QUEUED, outcome=None,
+                  title=workflow.title, context={"params": match.params}, card={},
+                  started_by=event.started_by, started_by_name=(event.headers or {}).get("user_name"),
+                  cancelled_by=None, card_ts=None, created_at=now, finished_at=None, wake_at=now,
+                  lease_owner=None, lease_until=None)
+        steps = [Step(run_id=run.id, team_id=run.team_id, position=step.index, step_id=step.id,
+                      title=step.model.title or step.id, state=states.PENDING, attempt=0)
+                 for step in workflow.steps]
+        run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
+        session.add(run)
+        session.add_all(steps)
+        journal.enqueue(session, team_id=run.team_id, channel_id=run.channel_id, kind=journal.CARD, payload={},
+                        run_id=run.id, now=now)
+        await journal.transition(
+            session, run, actor=event_actor(event), action="run.started", refresh_card=False,
+            thread=messages.thread_run_started(run_id=run.id, kind=event.kind, source=event.source,
+                                               delivery=event.delivery_id if event.source != "command" else None,
+                                               started_by=event.started_by, workflow=workflow.title),
+            details={"trigger": event.source, "kind": event.kind, "delivery": event.delivery_id,
+                     "source_address": event.source_addr, "event_id": event.id, "params": match.params},
+            now=now)
+        return run
+

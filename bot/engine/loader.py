@@ -1,0 +1,422 @@
+"""Workflow files → compiled workflows, or every problem with its file and line.
+
+YAML is read node by node so each key keeps its line, and so a bare `on` key stays the string "on" (YAML 1.1
+would read it as `true`). Everything that can be checked before a run is checked here: the format, the
+trigger configurations, every CEL expression, the actions and their inputs, and every `steps.<id>` and
+`params.<name>` an expression names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from bot.engine.expressions import (
+    CompiledValue,
+    Expression,
+    Template,
+    compile_expression,
+    compile_template,
+    compile_value,
+    has_template,
+    step_references,
+)
+from bot.engine.triggers_config import TRIGGER_CONFIGS
+from bot.engine.workflow import Approvers, Step, Workflow
+from bot.errors import ExpressionError, WorkflowError, WorkflowProblem
+from integrations.registry import ACTIONS
+
+Path_ = tuple[str | int, ...]
+MAX_NODES = 20_000
+
+
+class _LineMap(dict[Path_, int]):
+    def line(self, path: Iterable[str | int]) -> int | None:
+        path = tuple(path)
+        while True:
+            if path in self:
+                return self[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+
+def _read_yaml(text: str) -> tuple[Any, _LineMap]:
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    lines = _LineMap()
+    if node is None:
+        return None, lines
+    constructor = yaml.constructor.SafeConstructor()
+    count = 0
+
+    def walk(current: yaml.Node, path: Path_) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_NODES:
+            raise yaml.YAMLError(f"more than {MAX_NODES} values: is an alias expanding without end?")
+        lines.setdefault(path, current.start_mark.line + 1)
+        if isinstance(current, yaml.MappingNode):
+            constructor.flatten_mapping(current)
+            result: dict[str, Any] = {}
+            for key_node, value_node in current.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: keys must be plain text")
+                key = str(key_node.value)
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                result[key] = walk(value_node, (*path, key))
+            return result
+        if isinstance(current, yaml.SequenceNode):
+            return [walk(item, (*path, index)) for index, item in enumerate(current.value)]
+        return constructor.construct_object(current, deep=True)
+
+    return walk(node, ()), lines
+
+
+@dataclass
+class CompiledStep:
+    model: Step
+    index: int
+    if_: Expression | None
+    title: Template | None
+    inputs: CompiledValue
+    approvers: Approvers | None
+
+    @property
+    def id(self) -> str:
+        return self.model.id
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.model.approval is not None
+
+
+@dataclass
+class CompiledWorkflow:
+    model: Workflow
+    path: str
+    source: str
+    hash: str
+    if_: Expression | None
+    card_title: Template | None
+    card_text: Template | None
+    card_fields: dict[str, CompiledValue]
+    card_link: Template | None
+    triggers: dict[str, BaseModel]
+    steps: list[CompiledStep] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def title(self) -> str:
+        return self.model.display_title
+
+    def step(self, step_id: str) -> CompiledStep:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+
+class _Checker:
+    def __init__(self, file: str, lines: _LineMap) -> None:
+        self.file = file
+        self.lines = lines
+        self.problems: list[WorkflowProblem] = []
+        self.step_ids: set[str] = set()
+
+    def sorted(self) -> list[WorkflowProblem]:
+        return sorted(self.problems, key=lambda problem: problem.line or 0)
+
+    def problem(self, path: Iterable[str | int], message: str) -> None:
+        self.problems.append(WorkflowProblem(file=self.file, line=self.lines.line(path), message=message))
+
+    def expression(self, path: Path_, source: Any, *, allowed: set[str], steps_before: set[str],
+                   params: set[str]) -> Expression | None:
+        if not isinstance(source, str):
+            self.problem(path, "must be a CEL expression (text)")
+            return None
+        try:
+            compiled = compile_expression(source)
+        except ExpressionError as exc:
+            self.problem(path, f"bad expression: {exc}")
+            return None
+        self._references(path, compiled, allowed=allowed, steps_before=steps_before, params=params)
+        return compiled
+
+    def template(self, path: Path_, text: Any, *, allowed: set[str], steps_before: set[str],
+                 params: set[str]) -> Template | None:
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            text = str(text)
+        try:
+            compiled = compile_template(text)
+        except ExpressionError as exc:
+            self.problem(path, f"bad expression: {exc}")
+            return None
+        for expression in compiled.expressions():
+            self._references(path, expression, allowed=allowed, steps_before=steps_before, params=params)
+        return compiled
+
+    def value(self, path: Path_, value: Any, *, allowed: set[str], steps_before: set[str],
+              params: set[str]) -> CompiledValue | None:
+        try:
+            compiled = compile_value(value)
+        except ExpressionError as exc:
+            self.problem(path, f"bad expression: {exc}")
+            return None
+        for template in compiled.templates():
+            for expression in template.expressions():
+                self._references(path, expression, allowed=allowed, steps_before=steps_before, params=params)
+        return compiled
+
+    def _references(self, path: Path_, expression: Expression, *, allowed: set[str], steps_before: set[str],
+                    params: set[str]) -> None:
+        for name in sorted(expression.references() - allowed - {"event", "trigger", "run", "params", "steps",
+                                                                  "secrets"}):
+            self.problem(path, f"`{expression.source}`: unknown name {name}")
+        for name in sorted(expression.references() & {"steps", "secrets"} - allowed):
+            where = "steps' inputs (`with:`)" if name == "secrets" else "steps and the card"
+            self.problem(path, f"`{expression.source}`: `{name}` is only available in {where}")
+        if "steps" in expression.references():
+            for step_id in sorted(step_references(expression.source) - steps_before):
+                later = step_id in self.step_ids
+                self.problem(path, f"`{expression.source}`: "
+                             + (f"step {step_id!r} has not run yet here (only earlier steps can be named)"
+                                if later else f"unknown step id {step_id!r}"))
+        if "params" in expression.references():
+            stripped = re.sub(r'"(?:[^"\\]|\\.)*"' + r"|'(?:[^'\\]|\\.)*'", '""', expression.source)
+            for name in sorted(set(re.findall(r"\bparams\s*\.\s*([A-Za-z_]\w*)", stripped)) - params):
+                self.problem(path, f"`{expression.source}`: unknown parameter {name!r} (declare it under params:)")
+
+
+def _check_inputs(checker: _Checker, path: Path_, action_name: str, raw: dict[str, Any]) -> None:
+    model = ACTIONS[action_name].Input
+    by_key = {(info.alias or name): info for name, info in model.model_fields.items()}
+    for key in raw:
+        if key not in by_key:
+            expected = ", ".join(sorted(by_key))
+            checker.problem((*path, key), f"{action_name} has no input {key!r} (its inputs: {expected})")
+    for key, info in by_key.items():
+        if info.is_required() and key not in raw:
+            checker.problem(path, f"{action_name} needs the input {key!r}")
+    static = {key: value for key, value in raw.items() if key in by_key and not has_template(value)}
+    for key, value in static.items():
+        try:
+            TypeAdapter(Annotated[by_key[key].annotation, by_key[key]]).validate_python(value)
+        except ValidationError as exc:
+            checker.problem((*path, key), f"{action_name} input {key!r}: {_first_error(exc)}")
+    if len(static) == len(raw) and not checker.problems:
+        try:
+            model.model_validate(raw)
+        except ValidationError as exc:
+            checker.problem(path, f"{action_name}: {_first_error(exc)}")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message
+
+
+def _validate(checker: _Checker, model: type[BaseModel], data: Any, prefix: Path_) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = (*prefix, *error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                checker.problem(loc, f"unknown key {loc[-1]!r}")
+                continue
+            if error["type"] == "missing":
+                message = f"{loc[-1]!r} is required"
+                loc = loc[:-1]
+            label = ".".join(str(part) for part in loc)
+            checker.problem(loc, f"{label}: {message}" if label else message)
+        return None
+
+
+def compile_workflow(text: str, *, file: str, default_name: str | None = None) -> CompiledWorkflow:
+    """Parse, validate and compile one workflow; raise WorkflowError listing every problem found."""
+    try:
+        data, lines = _read_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise WorkflowError([WorkflowProblem(file=file, line=line, message=f"not valid YAML: {problem}")]) from None
+    checker = _Checker(file, lines)
+    if not isinstance(data, dict):
+        raise WorkflowError([WorkflowProblem(file=file, line=1, message="a workflow is a YAML mapping")])
+    if "name" not in data and default_name:
+        data["name"] = default_name
+    raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        checker.problem(("steps",), "steps: must be a list of steps")
+        raw_steps = []
+    model = _validate(checker, Workflow, {key: value for key, value in data.items() if key != "steps"}, ())
+    valid_steps: list[Step] = []
+    for index, raw_step in enumerate(raw_steps):
+        step_model = _validate(checker, Step, raw_step, ("steps", index))
+        if step_model is not None:
+            valid_steps.append(step_model)
+    if model is None:
+        raise WorkflowError(checker.sorted())
+    try:
+        model = model.model_copy(update={"steps": valid_steps})
+        Workflow._unique_step_ids(model)
+    except ValueError as exc:
+        checker.problem(("steps",), str(exc))
+
+    params = set(model.params)
+    checker.step_ids = {step.id for step in model.steps}
+    base = {"event", "trigger", "params", "run"}
+
+    triggers: dict[str, BaseModel] = {}
+    if not model.on:
+        checker.problem(("on",) if "on" in data else (), "a workflow needs at least one trigger under `on:` "
+                        f"({', '.join(sorted(TRIGGER_CONFIGS))})")
+    for trigger, config in model.on.items():
+        config_model = TRIGGER_CONFIGS.get(trigger)
+        if config_model is None:
+            checker.problem(("on", trigger), f"unknown trigger {trigger!r} (known: "
+                            f"{', '.join(sorted(TRIGGER_CONFIGS))})")
+            continue
+        try:
+            triggers[trigger] = config_model.model_validate(config)
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = ("on", trigger, *error["loc"])
+                message = (f"unknown key {error['loc'][-1]!r}" if error["type"] == "extra_forbidden"
+                           else str(error["msg"]).removeprefix("Value error, "))
+                checker.problem(loc, f"on.{trigger}: {message}")
+
+    if_ = (checker.expression(("if",), model.if_, allowed=base, steps_before=set(), params=params)
+           if model.if_ else None)
+    all_steps = {step.id for step in model.steps}
+    card_scope = {**{name: None for name in base}, "steps": None}
+    card_title = checker.template(("card", "title"), model.card.title, allowed=set(card_scope),
+                                  steps_before=all_steps, params=params)
+    card_text = checker.template(("card", "text"), model.card.text, allowed=set(card_scope),
+                                 steps_before=all_steps, params=params)
+    card_link = checker.template(("card", "link"), model.card.link, allowed=set(card_scope),
+                                 steps_before=all_steps, params=params)
+    card_fields: dict[str, CompiledValue] = {}
+    for label, value in model.card.fields.items():
+        compiled_field = checker.value(("card", "fields", label), value, allowed=set(card_scope),
+                                       steps_before=all_steps, params=params)
+        if compiled_field is not None:
+            card_fields[label] = compiled_field
+
+    steps: list[CompiledStep] = []
+    earlier: set[str] = set()
+    for index, step in enumerate(model.steps):
+        path: Path_ = ("steps", index)
+        scope = base | {"steps"}
+        step_if = (checker.expression((*path, "if"), step.if_, allowed=scope, steps_before=earlier, params=params)
+                   if step.if_ else None)
+        title = checker.template((*path, "title"), step.title, allowed=scope, steps_before=earlier, params=params)
+        inputs = checker.value((*path, "with"), step.with_, allowed=scope | {"secrets"}, steps_before=earlier,
+                               params=params)
+        if step.uses not in ACTIONS:
+            checker.problem((*path, "uses"), f"unknown action {step.uses!r} (known: {', '.join(sorted(ACTIONS))})")
+        else:
+            _check_inputs(checker, (*path, "with"), step.uses, step.with_)
+        approval = step.approval
+        approvers = (approval.approvers if approval and approval.approvers else step.approvers) or model.approvers
+        if inputs is not None:
+            steps.append(CompiledStep(model=step, index=index, if_=step_if, title=title, inputs=inputs,
+                                      approvers=approvers))
+        earlier.add(step.id)
+
+    if checker.problems:
+        raise WorkflowError(checker.sorted())
+    return CompiledWorkflow(model=model, path=file, source=text, hash=content_hash(text), if_=if_,
+                            card_title=card_title, card_text=card_text, card_fields=card_fields,
+                            card_link=card_link, triggers=triggers, steps=steps)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def workflow_files(paths: Iterable[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix in (".yml", ".yaml") and p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def load_file(path: Path) -> CompiledWorkflow:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkflowError([WorkflowProblem(file=str(path), line=None, message=f"cannot read: {exc}")]) from None
+    return compile_workflow(text, file=str(path), default_name=path.stem)
+
+
+class Catalog:
+    """The workflows of the workflows directory, by name; shared by every workspace."""
+
+    def __init__(self, workflows: Iterable[CompiledWorkflow] = ()) -> None:
+        self.by_name: dict[str, CompiledWorkflow] = {}
+        self._by_hash: dict[str, CompiledWorkflow] = {}
+        for workflow in workflows:
+            self.by_name[workflow.name] = workflow
+            self._by_hash[workflow.hash] = workflow
+
+    @classmethod
+    def load(cls, paths: Iterable[Path]) -> Catalog:
+        """Every workflow under `paths`; raise WorkflowError with every problem of every file."""
+        problems: list[WorkflowProblem] = []
+        workflows: list[CompiledWorkflow] = []
+        names: dict[str, str] = {}
+        for path in workflow_files(paths):
+            try:
+                workflow = load_file(path)
+            except WorkflowError as exc:
+                problems.extend(exc.problems)
+                continue
+            if workflow.name in names:
+                problems.append(WorkflowProblem(file=str(path), line=None, message=f"the name {workflow.name!r} "
+                                                f"is already used by {names[workflow.name]}"))
+                continue
+            names[workflow.name] = str(path)
+            workflows.append(workflow)
+        if problems:
+            raise WorkflowError(problems)
+        return cls(workflows)
+
+    def get(self, name: str) -> CompiledWorkflow | None:
+        return self.by_name.get(name)
+
+    def version(self, content_hash_: str, *, source: str | None = None, path: str = "") -> CompiledWorkflow:
+        """The workflow as it was when a run started (from the catalog, or compiled from its stored text)."""
+        found = self._by_hash.get(content_hash_)
+        if found is not None:
+            return found
+        if source is None:
+            raise KeyError(content_hash_)
+        compiled = compile_workflow(source, file=path or content_hash_[:12])
+        self._by_hash[content_hash_] = compiled
+        return compiled
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self.by_name.values(), key=lambda workflow: workflow.name))
+
+    def __len__(self) -> int:
+        return len(self.by_name)

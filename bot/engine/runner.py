@@ -1,0 +1,435 @@
+"""The run/step state machine.
+
+`Runner.advance(run_id)` is called by a worker that holds the run's lease. It walks the steps in order and
+writes each transition (state + audit record + thread reply + card refresh) in one transaction. An action runs
+outside any transaction; its result is committed only if this worker still holds the lease and the step is
+still in the attempt it started, so a step is committed at most once even if another process took over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.audit import Actor
+from bot.crypto import Keyring
+from bot.engine import journal, states
+from bot.engine.cards import render_card
+from bot.engine.context import expression_context
+from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
+from bot.errors import DecryptionError, ExpressionError, reference_id
+from bot.masking import LogMasker, Masker
+from bot.metrics import Metrics
+from bot.slack import messages
+from bot.store.db import Database
+from bot.store.models import Event, Run, Secret, Step, WorkflowVersion
+from integrations.base import ActionContext, ActionFailed, SlackPoster
+from integrations.httpclient import HttpClient
+from integrations.registry import ACTIONS
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.system()
+THREAD_WAIT = timedelta(milliseconds=500)
+
+
+def secret_names(step: CompiledStep) -> set[str]:
+    names: set[str] = set()
+    for template in step.inputs.templates():
+        for expression in template.expressions():
+            names |= set(re.findall(r"\bsecrets\s*\.\s*([A-Za-z_]\w*)", expression.source))
+            names |= set(re.findall(r"""\bsecrets\s*\[\s*["']([^"']+)["']\s*\]""", expression.source))
+    return names
+
+
+@dataclass
+class Execute:
+    step_id: str
+    attempt: int
+
+
+@dataclass
+class Outcome:
+    outputs: dict[str, Any] | None = None
+    error: str | None = None
+    retryable: bool = False
+    timed_out: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, *, db: Database, catalog: Catalog, keyring: Keyring, http: HttpClient,
+                 slack_poster: Callable[[str], SlackPoster], owner: str, lease: timedelta,
+                 log_masker: LogMasker, metrics: Metrics, base_urls: Mapping[str, str] | None = None,
+                 on_wake: Callable[[], None] | None = None) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.keyring = keyring
+        self.http = http
+        self.slack_poster = slack_poster
+        self.owner = owner
+        self.lease = lease
+        self.log_masker = log_masker
+        self.metrics = metrics
+        self.base_urls = dict(base_urls or {})
+        self.on_wake = on_wake or (lambda: None)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    async def _workflow(self, session: AsyncSession, run: Run) -> CompiledWorkflow:
+        try:
+            return self.catalog.version(run.workflow_hash)
+        except KeyError:
+            version = await session.get(WorkflowVersion, run.workflow_hash)
+            if version is None:
+                raise
+            return self.catalog.version(run.workflow_hash, source=version.source, path=version.path)
+
+    async def _load(self, session: AsyncSession, run_id: str) -> tuple[Run, Event, list[Step]] | None:
+        run = await session.get(Run, run_id, populate_existing=True)
+        if run is None or run.lease_owner != self.owner:
+            return None
+        event = await session.get(Event, run.event_id)
+        assert event is not None
+        steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)
+                                            .execution_options(populate_existing=True))).scalars())
+        return run, event, steps
+
+    def _refresh_card(self, workflow: CompiledWorkflow, run: Run, event: Event, steps: list[Step]) -> None:
+        run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    async def advance(self, run_id: str) -> None:
+        while True:
+            async with self.db.write() as session:
+                loaded = await self._load(session, run_id)
+                if loaded is None:
+                    return
+                run, event, steps = loaded
+                workflow = await self._workflow(session, run)
+                plan = await self._next(session, workflow, run, event, steps)
+                if plan is None:
+                    run.lease_owner = None
+                    run.lease_until = None
+                    return
+                context = expression_context(run=run, event=event, steps=steps)
+                compiled = workflow.step(plan.step_id)
+                run_info = (run.id, run.team_id, run.channel_id, run.card_ts)
+            outcome = await self._execute(compiled, context, plan, run_info)
+            committed = await self._commit(run_id, plan, outcome)
+            if not committed:
+                return
+
+    async def _next(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                    steps: list[Step]) -> Execute | None:
+        """Make every transition that needs no action; return the step to execute now, if any."""
+        now = datetime.now(UTC)
+        if run.state in states.FINAL_RUN_STATES:
+            return None
+        for step in steps:
+            if step.state in states.FINAL_STEP_STATES:
+                continue
+            compiled = workflow.step(step.step_id)
+            if step.state == states.STEP_WAITING:
+                if step.deadline is not None and step.deadline <= now:
+                    await self._time_out(session, workflow, run, event, steps, step, compiled, now)
+                    continue
+                run.state = states.WAITING
+                run.wake_at = step.deadline
+                return None
+            if step.state == states.PENDING:
+                if step.next_attempt_at is not None and step.next_attempt_at > now:
+                    run.state = states.RUNNING
+                    run.wake_at = step.next_attempt_at
+                    return None
+                if step.attempt == 0 and step.decision is None:
+                    if not await self._condition(session, workflow, run, event, steps, step, compiled, now):
+                        continue
+                    if compiled.needs_approval:
+                        await self._wait(session, workflow, run, event, steps, step, compiled, now)
+                        return None
+            # PENDING (ready), APPROVED, or RUNNING left behind by a process that died mid-step.
+            if (compiled.model.uses == "slack.post" and compiled.model.with_.get("thread")
+                    and run.card_ts is None):
+                # A thread reply needs the card's ts; the outbox posts the card first.
+                run.state = states.RUNNING
+                run.wake_at = now + THREAD_WAIT
+                return None
+            return await self._start(session, workflow, run, event, steps, step, compiled, now)
+        await self._finish(session, workflow, run, event, steps, now)
+        return None
+
+    async def _condition(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                         steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> bool:
+        """True when the step should go on; otherwise it has been skipped or failed here."""
+        reason: str | None = None
+        if compiled.if_ is not None:
+            try:
+                if compiled.if_.truthy(expression_context(run=run, event=event, steps=steps)):
+                    return True
+                reason = f"its condition `{compiled.if_.source}` is false"
+            except ExpressionError as exc:
+                await self._fail_step(session, workflow, run, event, steps, step, f"if: {exc}", now)
+                return False
+        elif run.outcome == states.FAILED:
+            reason = "an earlier step failed"
+        else:
+            return True
+        step.state = states.SKIPPED
+        step.finished_at = now
+        step.error = None
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(session, run, actor=SYSTEM, action="step.skipped", step=step.step_id,
+                                 outcome=states.SKIPPED, reason=reason, now=now,
+                                 thread=messages.thread_step_skipped(title=step.title, reason=reason))
+        return False
+
+    async def _wait(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                    steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> None:
+        approval = compiled.model.approval
+        assert approval is not None
+        step.state = states.STEP_WAITING
+        step.waiting_since = now
+        step.deadline = now + approval.timeout
+        step.title = self._step_title(compiled, run, event, steps)
+        run.state = states.WAITING
+        run.wake_at = step.deadline
+        approvers = compiled.approvers
+        who = messages.approvers_text(approvers.users if approvers else [], approvers.groups if approvers else [])
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(session, run, actor=SYSTEM, action="step.waiting", step=step.step_id,
+                                 reason=f"approval by {who}", now=now,
+                                 details={"deadline": step.deadline.isoformat()},
+                                 thread=messages.thread_step_waiting(title=step.title, approvers=who,
+                                                                     timeout=approval.timeout))
+
+    def _step_title(self, compiled: CompiledStep, run: Run, event: Event, steps: list[Step]) -> str:
+        if compiled.title is None:
+            return compiled.id
+        try:
+            from bot.engine.expressions import format_value
+
+            return format_value(compiled.title.render(expression_context(run=run, event=event, steps=steps)))[:150]
+        except ExpressionError:
+            return compiled.model.title or compiled.id
+
+    async def _time_out(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                        steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> None:
+        approval = compiled.model.approval
+        assert approval is not None
+        continues = approval.on_timeout == "skip"
+        step.state = states.TIMED_OUT
+        step.finished_at = now
+        if not continues:
+            run.outcome = states.FAILED
+        waited = now - (step.waiting_since or now)
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(session, run, actor=SYSTEM, action="step.timed_out", step=step.step_id,
+                                 outcome=states.TIMED_OUT, now=now,
+                                 reason=f"no decision within {messages.span(approval.timeout)}; "
+                                        f"on_timeout: {approval.on_timeout}",
+                                 thread=messages.thread_step_timed_out(title=step.title, waited=waited,
+                                                                       continues=continues))
+
+    async def _start(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                     steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> Execute:
+        restarted = step.state == states.STEP_RUNNING
+        if step.attempt == 0 or step.title == step.step_id:
+            step.title = self._step_title(compiled, run, event, steps)
+        step.state = states.STEP_RUNNING
+        step.attempt += 1
+        step.started_at = now
+        step.next_attempt_at = None
+        run.state = states.RUNNING
+        run.lease_until = now + self.lease
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(
+            session, run, actor=SYSTEM, action="step.started", step=step.step_id, now=now,
+            reason="resumed after the process running it stopped" if restarted else None,
+            details={"attempt": step.attempt, "action": compiled.model.uses},
+            thread=messages.thread_step_started(title=step.title, attempt=step.attempt,
+                                                attempts=max(compiled.model.retry.attempts, step.attempt)))
+        return Execute(step_id=step.step_id, attempt=step.attempt)
+
+    async def _fail_step(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                         steps: list[Step], step: Step, error: str, now: datetime) -> None:
+        step.state = states.STEP_FAILED
+        step.error = error
+        step.finished_at = now
+        run.outcome = states.FAILED
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(session, run, actor=SYSTEM, action="step.finished", step=step.step_id,
+                                 outcome=states.STEP_FAILED, reason=error, now=now,
+                                 thread=messages.thread_step_finished(title=step.title, outcome="failed",
+                                                                      seconds=0, result=messages.escape(error)))
+
+    async def _finish(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                      steps: list[Step], now: datetime) -> None:
+        outcome = run.outcome or states.SUCCEEDED
+        run.state = outcome
+        run.outcome = outcome
+        run.finished_at = now
+        run.wake_at = None
+        counts: dict[str, int] = {}
+        for step in steps:
+            counts[step.state] = counts.get(step.state, 0) + 1
+        seconds = (now - run.created_at).total_seconds()
+        self._refresh_card(workflow, run, event, steps)
+        self.metrics.runs_finished.labels(outcome=outcome).inc()
+        await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
+                                 details={"steps": counts, "seconds": round(seconds, 3)},
+                                 thread=messages.thread_run_finished(outcome=outcome, counts=counts,
+                                                                     seconds=seconds))
+
+    # ------------------------------------------------------------------------------------------ actions
+
+    async def _secrets(self, team_id: str, names: set[str]) -> tuple[dict[str, str], str | None]:
+        if not names:
+            return {}, None
+        values: dict[str, str] = {}
+        async with self.db.read() as session:
+            rows = await session.execute(select(Secret).where(Secret.team_id == team_id,
+                                                              Secret.name.in_(sorted(names))))
+            for row in rows.scalars():
+                try:
+                    values[row.name] = (await self.keyring.open(session, team_id=team_id,
+                                                                purpose=f"secret:{row.name}",
+                                                                sealed=row.ciphertext)).decode()
+                except DecryptionError as exc:
+                    return values, f"the secret {row.name} cannot be decrypted ({exc})"
+        missing = sorted(names - set(values))
+        if missing:
+            listed = ", ".join(missing)
+            return values, (f"the secret {listed} is not set in this workspace; an admin can set it with "
+                            f"`/relay secret set {missing[0]}`")
+        return values, None
+
+    async def _execute(self, compiled: CompiledStep, context: dict[str, Any], plan: Execute,
+                       run_info: tuple[str, str, str, str | None]) -> Outcome:
+        run_id, team_id, channel_id, card_ts = run_info
+        secrets, problem = await self._secrets(team_id, secret_names(compiled))
+        masker = Masker(secrets.values())
+        self.log_masker.register(*secrets.values())
+        if problem:
+            return Outcome(error=masker.text(problem))
+        action = ACTIONS[compiled.model.uses]()
+        try:
+            raw_inputs = compiled.inputs.render({**context, "secrets": secrets})
+            inputs = action.Input.model_validate(raw_inputs)
+        except ExpressionError as exc:
+            return Outcome(error=masker.text(f"with: {exc}"))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            return Outcome(error=masker.text(f"input {where}: {error['msg']}"))
+        timeout = compiled.model.timeout.total_seconds()
+        ctx = ActionContext(http=self.http, slack=self.slack_poster(team_id), idempotency_key=f"{run_id}:{plan.step_id}",
+                            channel=channel_id, thread_ts=card_ts, timeout=timeout, base_urls=self.base_urls)
+        started = time.monotonic()
+        renewer = asyncio.create_task(self._renew_lease(run_id))
+        try:
+            async with asyncio.timeout(timeout):
+                output = await action.run(inputs, ctx)
+            outputs = masker.data(output.model_dump(mode="json", by_alias=True))
+            return Outcome(outputs=outputs, seconds=time.monotonic() - started)
+        except TimeoutError:
+            return Outcome(error=f"no result within {messages.span(compiled.model.timeout)}", retryable=True,
+                           timed_out=True, seconds=time.monotonic() - started)
+        except ActionFailed as exc:
+            return Outcome(error=masker.text(exc.message), retryable=exc.retryable,
+                           seconds=time.monotonic() - started)
+        except Exception as exc:
+            ref = reference_id()
+            log.exception("step %s of run %s failed unexpectedly [ref %s]", plan.step_id, run_id, ref)
+            return Outcome(error=masker.text(f"unexpected error {type(exc).__name__} (reference {ref})"),
+                           retryable=True, seconds=time.monotonic() - started)
+        finally:
+            renewer.cancel()
+            self.metrics.step_seconds.labels(action=compiled.model.uses).observe(time.monotonic() - started)
+
+    async def _renew_lease(self, run_id: str) -> None:
+        from sqlalchemy import update
+
+        interval = max(self.lease.total_seconds() / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            async with self.db.write() as session:
+                await session.execute(update(Run).where(Run.id == run_id, Run.lease_owner == self.owner)
+                                      .values(lease_until=datetime.now(UTC) + self.lease))
+
+    async def _commit(self, run_id: str, plan: Execute, outcome: Outcome) -> bool:
+        """Write the step's result if this worker still owns it; False when it no longer does."""
+        now = datetime.now(UTC)
+        async with self.db.write() as session:
+            loaded = await self._load(session, run_id)
+            if loaded is None:
+                log.warning("run %s: lease lost while step %s ran; its result is dropped", run_id, plan.step_id)
+                return False
+            run, event, steps = loaded
+            step = next(step for step in steps if step.step_id == plan.step_id)
+            if step.state != states.STEP_RUNNING or step.attempt != plan.attempt:
+                log.warning("run %s: step %s moved on while attempt %s ran; its result is dropped", run_id,
+                            plan.step_id, plan.attempt)
+                return False
+            workflow = await self._workflow(session, run)
+            compiled = workflow.step(plan.step_id)
+            retry = compiled.model.retry
+            step.duration_ms = int(outcome.seconds * 1000)
+            if outcome.ok:
+                step.state = states.STEP_SUCCEEDED
+                step.outputs = outcome.outputs
+                step.error = None
+                step.finished_at = now
+                self._refresh_card(workflow, run, event, steps)
+                await journal.transition(
+                    session, run, actor=SYSTEM, action="step.finished", step=step.step_id,
+                    outcome=states.STEP_SUCCEEDED, now=now, details={"attempt": plan.attempt,
+                                                                     "ms": step.duration_ms},
+                    thread=messages.thread_step_finished(title=step.title, outcome="succeeded",
+                                                         seconds=outcome.seconds,
+                                                         result=messages.short_result(outcome.outputs)))
+            elif outcome.retryable and plan.attempt < retry.attempts:
+                delay = min(retry.backoff * (2 ** (plan.attempt - 1)), retry.max_backoff)
+                step.state = states.PENDING
+                step.error = outcome.error
+                step.next_attempt_at = now + delay
+                run.wake_at = step.next_attempt_at
+                self._refresh_card(workflow, run, event, steps)
+                await journal.transition(
+                    session, run, actor=SYSTEM, action="step.retried", step=step.step_id,
+                    outcome="retrying", reason=outcome.error, now=now,
+                    details={"attempt": plan.attempt, "next_attempt_in_s": delay.total_seconds()},
+                    thread=messages.thread_step_retry(title=step.title, attempt=plan.attempt,
+                                                      attempts=retry.attempts, error=outcome.error or "",
+                                                      delay=delay))
+            else:
+                final = states.TIMED_OUT if outcome.timed_out else states.STEP_FAILED
+                step.state = final
+                step.error = outcome.error
+                step.finished_at = now
+                run.outcome = states.FAILED
+                self._refresh_card(workflow, run, event, steps)
+                await journal.transition(
+                    session, run, actor=SYSTEM, action="step.finished", step=step.step_id, outcome=final,
+                    reason=outcome.error, now=now, details={"attempt": plan.attempt, "ms": step.duration_ms},
+                    thread=messages.thread_step_finished(title=step.title, outcome=final, seconds=outcome.seconds,
+                                                         result=messages.escape(outcome.error or "")))
+        return True

@@ -1,0 +1,141 @@
+"""The loops that take work from the database: pending events → runs, due runs → `Runner.advance`.
+
+Work is found by polling the database (so another process's work and timers are seen) and started at once
+when this process wakes the loop itself (a webhook stored, a click decided). A run is leased before it is
+advanced; a lease that expires because its process died lets any process take the run over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+
+from bot.engine import states
+from bot.engine.intake import Intake
+from bot.engine.runner import Runner
+from bot.store.db import Database
+from bot.store.models import Event, Run
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup:
+    """A level-triggered nudge between tasks of one process."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+        self._event.clear()
+
+
+class Engine:
+    def __init__(self, *, db: Database, intake: Intake, runner: Runner, owner: str, lease: timedelta,
+                 poll_interval: float, concurrency: int = 32, on_work_done: Wakeup | None = None) -> None:
+        self.db = db
+        self.intake = intake
+        self.runner = runner
+        self.owner = owner
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.concurrency = concurrency
+        self.wakeup = Wakeup()
+        self.on_work_done = on_work_done
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    async def start(self) -> None:
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._loop(), name="relaybot-engine")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._active:
+            # Let steps in flight finish and commit; what does not finish in time resumes after the lease.
+            _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                busy = await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine loop failed; retrying")
+                busy = False
+            if not busy:
+                await self.wakeup.wait(self.poll_interval)
+
+    async def tick(self) -> bool:
+        """One round: take pending events, start due runs. True if there may be more to do at once."""
+        taken = await self.intake.process_batch()
+        if taken and self.on_work_done:
+            self.on_work_done.set()
+        started = await self._claim_and_start()
+        return taken >= self.intake.batch_size or (started > 0 and len(self._active) < self.concurrency)
+
+    async def _claim_and_start(self) -> int:
+        free = self.concurrency - len(self._active)
+        if free <= 0:
+            return 0
+        now = datetime.now(UTC)
+        async with self.db.write() as session:
+            due = (select(Run.id).where(Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now,
+                                        or_(Run.lease_until.is_(None), Run.lease_until < now))
+                   .order_by(Run.wake_at).limit(free))
+            if not self.db.is_sqlite:
+                due = due.with_for_update(skip_locked=True)
+            ids = [run_id for run_id in (await session.execute(due)).scalars() if run_id not in self._active]
+            if not ids:
+                return 0
+            await session.execute(update(Run).where(Run.id.in_(ids))
+                                  .values(lease_owner=self.owner, lease_until=now + self.lease))
+        for run_id in ids:
+            self._active[run_id] = asyncio.create_task(self._advance(run_id), name=f"run-{run_id}")
+        return len(ids)
+
+    async def _advance(self, run_id: str) -> None:
+        try:
+            await self.runner.advance(run_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run %s: advancing failed; it will be retried when its lease expires", run_id)
+        finally:
+            self._active.pop(run_id, None)
+            if self.on_work_done:
+                self.on_work_done.set()
+            self.wakeup.set()
+
+    async def idle(self) -> bool:
+        """Nothing pending, due or in flight (used by tests and `relaybot test`)."""
+        if self._active:
+            return False
+        now = datetime.now(UTC)
+        async with self.db.read() as session:
+            pending = await session.scalar(select(func.count()).select_from(Event)
+                                           .where(Event.processed_at.is_(None)))
+            due = await session.scalar(select(func.count()).select_from(Run).where(
+                Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now))
+        return not pending and not due

@@ -1,0 +1,153 @@
+"""The webhook door: `POST /hooks/<connection-id>`.
+
+size limit (413) → connection lookup (404) → the integration's `verify()` with the connection's secret (401)
+→ `parse()` (400) → stored in the inbox, durably → `202`. Nothing else happens in the request; the engine
+takes the event from the inbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+from sqlalchemy import select
+
+from bot.crypto import Keyring
+from bot.errors import DecryptionError
+from bot.metrics import Metrics
+from bot.store.db import Database
+from bot.store.inbox import Inbox, NewEvent
+from bot.store.models import Connection, Workspace
+from integrations.base import BadPayload, IncomingWebhook, Integration
+from integrations.registry import INTEGRATIONS
+
+log = logging.getLogger(__name__)
+CACHE_SECONDS = 30.0
+
+
+@dataclass
+class _Known:
+    team_id: str
+    integration: str
+    secret: str
+    expires: float
+
+
+class ConnectionCache:
+    """Decrypted connection secrets for a short while, so a busy connection costs no read per request."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Known] = {}
+
+    def get(self, connection_id: str) -> _Known | None:
+        entry = self._entries.get(connection_id)
+        if entry is None or entry.expires < time.monotonic():
+            return None
+        return entry
+
+    def put(self, connection_id: str, entry: _Known) -> None:
+        self._entries[connection_id] = entry
+
+    def forget(self, connection_id: str | None = None) -> None:
+        if connection_id is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(connection_id, None)
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"ok": False, "error": message}, status=status)
+
+
+class WebhookDoor:
+    def __init__(self, *, db: Database, keyring: Keyring, inbox: Inbox, metrics: Metrics, max_body: int,
+                 on_stored: object) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.inbox = inbox
+        self.metrics = metrics
+        self.max_body = max_body
+        self.on_stored = on_stored
+        self.cache = ConnectionCache()
+        self._integrations: dict[str, Integration] = {name: cls() for name, cls in INTEGRATIONS.items()}
+
+    async def _lookup(self, connection_id: str) -> _Known | None:
+        known = self.cache.get(connection_id)
+        if known is not None:
+            return known
+        async with self.db.read() as session:
+            row = (await session.execute(
+                select(Connection).join(Workspace, Workspace.team_id == Connection.team_id)
+                .where(Connection.id == connection_id, Workspace.uninstalled_at.is_(None)))).scalar_one_or_none()
+            if row is None:
+                return None
+            try:
+                secret = (await self.keyring.open(session, team_id=row.team_id,
+                                                  purpose=f"connection:{row.integration}",
+                                                  sealed=row.secret_ciphertext)).decode()
+            except DecryptionError:
+                log.error("connection %s: its secret cannot be decrypted; rejecting its webhooks", connection_id)
+                return None
+        known = _Known(team_id=row.team_id, integration=row.integration, secret=secret,
+                       expires=time.monotonic() + CACHE_SECONDS)
+        self.cache.put(connection_id, known)
+        return known
+
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        if request.content_length is not None and request.content_length > self.max_body:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        connection_id = request.match_info["connection_id"]
+        body = await self._read_body(request)
+        if body is None:
+            self.metrics.events_rejected.labels(source="unknown", reason="too_large").inc()
+            return _json_error(413, f"the body is larger than {self.max_body} bytes")
+        known = await self._lookup(connection_id)
+        if known is None:
+            self.metrics.events_rejected.labels(source="unknown", reason="unknown_connection").inc()
+            return _json_error(404, "unknown connection")
+        integration = self._integrations[known.integration]
+        incoming = IncomingWebhook(body=body, headers=request.headers, query=request.query,
+                                   remote=request.remote)
+        if not integration.verify(secret=known.secret, request=incoming, now=time.time()):
+            self.metrics.events_rejected.labels(source=known.integration, reason="signature").inc()
+            log.info("webhook for connection %s (%s) rejected: bad or missing signature", connection_id,
+                     known.integration)
+            return _json_error(401, "bad or missing signature")
+        try:
+            parsed = integration.parse(incoming)
+        except BadPayload as exc:
+            self.metrics.events_rejected.labels(source=known.integration, reason="malformed").inc()
+            return _json_error(400, str(exc))
+        delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
+        stored = await self.inbox.store(NewEvent(
+            team_id=known.team_id, source=known.integration, delivery_id=delivery[:200], kind=parsed.kind[:200],
+            payload=parsed.payload, received_at=datetime.now(UTC), summary=parsed.summary[:1000],
+            link=parsed.link, headers=parsed.headers, event_name=parsed.event_name, actionable=parsed.actionable,
+            connection_id=connection_id, source_addr=request.remote))
+        if stored.duplicate:
+            self.metrics.events_duplicate.labels(source=known.integration).inc()
+        else:
+            self.metrics.events_received.labels(source=known.integration).inc()
+            self.on_stored()  # type: ignore[operator]
+        return web.json_response({"ok": True, "event": stored.event_id, "duplicate": stored.duplicate},
+                                 status=202)
+
+
+def _fallback_delivery(integration: str, body: bytes) -> str:
+    """No delivery id from the sender: every request is its own delivery."""
+    return f"auto:{uuid.uuid4().hex}:{hashlib.sha256(body).hexdigest()[:16]}"

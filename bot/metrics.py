@@ -1,0 +1,46 @@
+"""Prometheus metrics, in a registry of the app's own (no global state, so several apps can share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events_received = Counter("relaybot_events_received", "Events accepted and stored",
+                                       ["source"], registry=self.registry)
+        self.events_rejected = Counter("relaybot_events_rejected", "Inbound webhooks refused",
+                                       ["source", "reason"], registry=self.registry)
+        self.events_duplicate = Counter("relaybot_events_duplicate", "Deliveries seen before, started nothing",
+                                        ["source"], registry=self.registry)
+        self.runs_finished = Counter("relaybot_runs_finished", "Runs that ended, by outcome", ["outcome"],
+                                     registry=self.registry)
+        self.step_seconds = Histogram("relaybot_step_duration_seconds", "Time an action took, per attempt",
+                                      ["action"], registry=self.registry,
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.slack_calls = Counter("relaybot_slack_api_calls", "Slack Web API calls", ["method", "result"],
+                                   registry=self.registry)
+        self.slack_retries = Counter("relaybot_slack_api_retries", "Slack calls retried (429, 5xx, timeouts)",
+                                     ["method", "reason"], registry=self.registry)
+        self.outbox_depth = Gauge("relaybot_outbox_depth", "Slack messages waiting in the outbox",
+                                  registry=self.registry)
+        self.inbox_depth = Gauge("relaybot_inbox_depth", "Stored events not yet turned into runs",
+                                 registry=self.registry)
+        self.runs_active = Gauge("relaybot_runs_active", "Runs not yet finished, by state", ["state"],
+                                 registry=self.registry)
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    def on_scrape(self, refresher: Callable[[], Awaitable[None]]) -> None:
+        """Register a coroutine that updates gauges from the database before each scrape."""
+        self._refreshers.append(refresher)
+
+    async def render(self) -> bytes:
+        for refresher in self._refreshers:
+            await refresher()
+        return generate_latest(self.registry)

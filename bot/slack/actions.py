@@ -1,0 +1,110 @@
+"""Approve / Skip clicks on a run card.
+
+The click is acknowledged at once. The decision is a conditional update — `… WHERE state = 'waiting'` — in the
+same transaction as its audit record, thread reply and card refresh, so exactly one click wins on any number
+of processes; every other click (a second one, a stale card, someone not allowed) changes nothing and gets an
+ephemeral explanation.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from bot.audit import Actor
+from bot.engine import journal, states
+from bot.engine.cards import render_card
+from bot.engine.loader import CompiledWorkflow
+from bot.errors import NotAllowed, NotFound, UserError
+from bot.services import Services
+from bot.slack import messages
+from bot.slack.blocks import APPROVE_ACTION, parse_button_value
+from bot.slack.people import LookupFailed
+from bot.store.models import Event, Run, Step, WorkflowVersion
+
+
+async def _workflow(services: Services, run: Run) -> CompiledWorkflow:
+    try:
+        return services.catalog.version(run.workflow_hash)
+    except KeyError:
+        async with services.db.read() as session:
+            version = await session.get(WorkflowVersion, run.workflow_hash)
+        if version is None:
+            raise
+        return services.catalog.version(run.workflow_hash, source=version.source, path=version.path)
+
+
+def _user_name(body: dict[str, Any]) -> str | None:
+    user = body.get("user") or {}
+    return user.get("name") or user.get("username")
+
+
+async def decide(services: Services, body: dict[str, Any], action: dict[str, Any]) -> str | None:
+    """Apply one click; returns an ephemeral explanation when nothing was changed, else None."""
+    team_id = (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
+    user_id = (body.get("user") or {}).get("id")
+    parsed = parse_button_value(action.get("value") or "")
+    if not team_id or not user_id or parsed is None:
+        raise UserError(messages.CLICK_UNKNOWN_RUN)
+    run_id, step_id = parsed
+    approve = action.get("action_id") == APPROVE_ACTION
+    async with services.db.read() as session:
+        run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == team_id))
+               ).scalar_one_or_none()
+        step = None
+        if run is not None:
+            step = (await session.execute(select(Step).where(Step.run_id == run.id, Step.step_id == step_id))
+                    ).scalar_one_or_none()
+    if run is None or step is None:
+        raise NotFound(messages.CLICK_UNKNOWN_RUN)
+    if step.state != states.STEP_WAITING:
+        if step.decision and step.decided_by:
+            who = messages.user(step.decided_by, step.decided_by_name)
+            return messages.CLICK_ALREADY_DECIDED.format(state=f"{step.decision} by {who}")
+        return messages.CLICK_STALE
+    workflow = await _workflow(services, run)
+    compiled = workflow.step(step_id)
+    try:
+        refusal = await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by)
+    except LookupFailed as exc:
+        raise NotAllowed(messages.CLICK_LOOKUP_FAILED.format(error=exc)) from None
+    if refusal:
+        approvers = compiled.approvers
+        who = messages.approvers_text(approvers.users if approvers else [], approvers.groups if approvers else [])
+        return refusal.format(title=messages.escape(step.title), approvers=who)
+    person = await services.people.person(team_id, user_id)
+    name = person.name or _user_name(body)
+    now = datetime.now(UTC)
+    async with services.db.write() as session:
+        values: dict[str, Any] = {"decision": "approved" if approve else "skipped", "decided_by": user_id,
+                                  "decided_by_name": name, "decided_at": now,
+                                  "state": states.APPROVED if approve else states.SKIPPED}
+        if not approve:
+            values["finished_at"] = now
+        won = await session.execute(update(Step).where(Step.id == step.id, Step.state == states.STEP_WAITING)
+                                    .values(**values))
+        if not won.rowcount:  # type: ignore[attr-defined]
+            fresh = await session.get(Step, step.id, populate_existing=True)
+            who = messages.user(fresh.decided_by, fresh.decided_by_name) if fresh and fresh.decided_by else None
+            if fresh is not None and who:
+                return messages.CLICK_ALREADY_DECIDED.format(state=f"{fresh.decision} by {who}")
+            return messages.CLICK_STALE
+        run = await session.get(Run, run.id, populate_existing=True)
+        assert run is not None
+        run.state = states.RUNNING
+        run.wake_at = now
+        event = await session.get(Event, run.event_id)
+        assert event is not None
+        steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)
+                                            .execution_options(populate_existing=True))).scalars())
+        run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
+        thread = (messages.thread_step_approved(title=step.title, user_id=user_id, name=name) if approve
+                  else messages.thread_step_skipped_by(title=step.title, user_id=user_id, name=name))
+        await journal.transition(session, run, actor=Actor(user_id, name),
+                                 action="step.approved" if approve else "step.skipped", step=step_id,
+                                 outcome="approved" if approve else states.SKIPPED, now=now, thread=thread,
+                                 reason=None if approve else "skipped by a person")
+    services.wake()
+    return None

@@ -1,0 +1,242 @@
+"""Every sentence relaybot says to people, in one place.
+
+Texts are Slack mrkdwn. Values that came from events or users are escaped (`escape`) before they are put
+into a message, so a branch named `<!channel>` cannot ping a channel.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+
+def escape(text: Any) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def user(user_id: str | None, name: str | None = None) -> str:
+    if user_id and user_id[:1] in ("U", "W"):
+        return f"<@{user_id}>"
+    return escape(name or user_id or "someone")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def span(delta: timedelta) -> str:
+    return duration(delta.total_seconds())
+
+
+def short_result(outputs: dict[str, Any] | None) -> str:
+    if not outputs:
+        return ""
+    if "status" in outputs and isinstance(outputs["status"], int):
+        return f"HTTP {outputs['status']}"
+    if outputs.get("url"):
+        return escape(outputs["url"])
+    if "ts" in outputs and "channel" in outputs:
+        return f"posted to <#{outputs['channel']}>"
+    text = json.dumps(outputs, separators=(", ", ": "), default=str)
+    return escape(text if len(text) <= 120 else text[:117] + "...")
+
+
+def step_name(title: str) -> str:
+    return f"*{escape(title)}*"
+
+
+# --------------------------------------------------------------------------------------------- audit thread
+
+
+def thread_run_started(*, run_id: str, kind: str, source: str, delivery: str | None, started_by: str | None,
+                       workflow: str) -> str:
+    if started_by:
+        origin = f"started by {user(started_by)} with `/relay run`"
+    else:
+        origin = f"started by a {escape(source)} event `{escape(kind)}`"
+    delivery_text = f", delivery `{escape(delivery)}`" if delivery else ""
+    return f":arrow_forward: Run `{run_id}` of *{escape(workflow)}* {origin}{delivery_text}."
+
+
+def thread_step_waiting(*, title: str, approvers: str, timeout: timedelta) -> str:
+    return (f":double_vertical_bar: {step_name(title)} is waiting for approval by {approvers} "
+            f"(times out in {span(timeout)}).")
+
+
+def thread_step_approved(*, title: str, user_id: str, name: str | None) -> str:
+    return f":white_check_mark: {step_name(title)} approved by {user(user_id, name)}."
+
+
+def thread_step_skipped_by(*, title: str, user_id: str, name: str | None) -> str:
+    return f":black_right_pointing_double_triangle_with_vertical_bar: {step_name(title)} skipped by {user(user_id, name)}."
+
+
+def thread_step_skipped(*, title: str, reason: str) -> str:
+    return f":black_right_pointing_double_triangle_with_vertical_bar: {step_name(title)} skipped: {escape(reason)}."
+
+
+def thread_step_started(*, title: str, attempt: int, attempts: int) -> str:
+    of = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
+    return f":arrows_counterclockwise: {step_name(title)} started{of}."
+
+
+def thread_step_finished(*, title: str, outcome: str, seconds: float | None, result: str) -> str:
+    icon = {"succeeded": ":heavy_check_mark:", "failed": ":x:", "timed_out": ":hourglass:"}.get(outcome, ":grey_question:")
+    tail = f": {result}" if result else "."
+    return f"{icon} {step_name(title)} {outcome.replace('_', ' ')} in {duration(seconds)}{tail}"
+
+
+def thread_step_retry(*, title: str, attempt: int, attempts: int, error: str, delay: timedelta) -> str:
+    return (f":repeat: {step_name(title)} failed (attempt {attempt} of {attempts}): {escape(error)}. "
+            f"Retrying in {span(delay)}.")
+
+
+def thread_step_timed_out(*, title: str, waited: timedelta, continues: bool) -> str:
+    then = "the run goes on" if continues else "the run fails"
+    return f":hourglass: {step_name(title)} timed out after waiting {span(waited)} for approval; {then}."
+
+
+def thread_run_finished(*, outcome: str, counts: dict[str, int], seconds: float) -> str:
+    icon = {"succeeded": ":checkered_flag:", "failed": ":x:", "cancelled": ":octagonal_sign:"}[outcome]
+    order = ("succeeded", "failed", "skipped", "timed_out", "cancelled")
+    parts = [f"{counts[state]} {state.replace('_', ' ')}" for state in order if counts.get(state)]
+    summary = ", ".join(parts) if parts else "no steps"
+    return f"{icon} Run {outcome}: {summary}; {duration(seconds)} in all."
+
+
+def thread_run_cancelled(*, user_id: str | None, name: str | None) -> str:
+    return f":octagonal_sign: Run cancelled by {user(user_id, name)}."
+
+
+# ------------------------------------------------------------------------------------------------ the card
+
+STATUS_TEXT = {
+    "queued": ":large_blue_circle: queued",
+    "running": ":arrows_counterclockwise: running",
+    "waiting": ":double_vertical_bar: waiting for approval",
+    "succeeded": ":white_check_mark: succeeded",
+    "failed": ":x: failed",
+    "cancelled": ":octagonal_sign: cancelled",
+}
+
+STEP_ICON = {
+    "pending": ":white_circle:", "waiting": ":double_vertical_bar:", "approved": ":white_check_mark:",
+    "running": ":arrows_counterclockwise:", "succeeded": ":heavy_check_mark:", "failed": ":x:",
+    "skipped": ":black_right_pointing_double_triangle_with_vertical_bar:", "timed_out": ":hourglass:",
+    "cancelled": ":octagonal_sign:",
+}
+
+APPROVE = "Approve"
+SKIP = "Skip"
+
+
+def card_waiting(*, title: str, approvers: str) -> str:
+    return f":double_vertical_bar: *{escape(title)}* needs approval ({approvers})"
+
+
+def card_step_line(*, state: str, title: str, decided: str | None, detail: str | None) -> str:
+    text = f"{STEP_ICON.get(state, ':white_circle:')} {escape(title)} — {state.replace('_', ' ')}"
+    if decided:
+        text += f" ({decided})"
+    if detail:
+        text += f": {detail}"
+    return text
+
+
+def approvers_text(users: list[str], groups: list[str]) -> str:
+    names = [f"<@{u}>" for u in users] + [f"@{escape(g)}" if not g.startswith("S") else f"<!subteam^{g}>"
+                                           for g in groups]
+    return ", ".join(names) if names else "anyone in the channel"
+
+
+# -------------------------------------------------------------------------------------- clicks on the card
+
+CLICK_ALREADY_DECIDED = "This step was already decided: {state}. Nothing was changed."
+CLICK_STALE = "This card is out of date: the step is no longer waiting. Nothing was changed."
+CLICK_NOT_APPROVER = "You are not one of the approvers of *{title}* ({approvers}). Nothing was changed."
+CLICK_SELF = "You started this run, and this workflow does not let the person who started a run approve it."
+CLICK_UNKNOWN_RUN = "This run does not exist in this workspace."
+CLICK_LOOKUP_FAILED = ("relaybot could not check the approvers with Slack just now ({error}); nothing was "
+                       "changed. Try again in a moment.")
+CLICK_NOT_ALLOWED_KIND = "Guests, bots and deactivated accounts cannot approve steps."
+
+# ----------------------------------------------------------------------------------------- slash commands
+
+
+def help_text(command: str) -> str:
+    return "\n".join([
+        "*relaybot* runs workflows from your tools' events in this channel, with approvals and an audit thread.",
+        f"`{command} list` — the workflows, and which are enabled here",
+        f"`{command} enable <workflow> [key=value …]` — enable a workflow in this channel (admins)",
+        f"`{command} disable <workflow>` — disable it here (admins); running runs finish",
+        f"`{command} run <workflow> [key=value …]` — start a run now",
+        f"`{command} runs [workflow]` — the latest runs in this channel",
+        f"`{command} status <run>` · `{command} cancel <run>`",
+        f"`{command} connect <integration> [rotate]` — the webhook URL for a tool (admins)",
+        f"`{command} help` — this text",
+    ])
+
+
+UNKNOWN_SUBCOMMAND = "I don't know `{command} {word}`. Try `{command} help`."
+NEED_WORKFLOW = "Which workflow? `{command} {sub} <workflow>` — `{command} list` shows them."
+UNKNOWN_WORKFLOW = "There is no workflow named `{name}`. `{command} list` shows the workflows."
+NOT_ADMIN = "Only workspace admins and owners (or the users in RELAYBOT_ADMINS) can {what}."
+BAD_ARGUMENT = "`{text}` is not `key=value`. Example: `{command} {sub} {workflow} env=production`."
+UNKNOWN_PARAM = "`{workflow}` has no parameter `{key}`. Its parameters: {known}."
+NO_PARAMS = "`{workflow}` takes no parameters."
+BAD_CHOICE = "`{key}={value}` is not allowed for `{workflow}`: choose one of {choices}."
+MISSING_PARAM = "`{workflow}` needs `{key}=…` ({description})."
+NOT_ENABLED = "`{workflow}` is not enabled in this channel."
+DISABLED = "`{workflow}` is disabled in this channel. Runs already going will finish."
+RUN_STARTED = "Started run `{run_id}` of `{workflow}`; its card follows in this channel."
+RUN_BY_ADMINS = "Only admins can start `{workflow}` by hand."
+UNKNOWN_INTEGRATION = "I don't know the integration `{name}`. Integrations: {known}."
+CONNECTION_NO_WEBHOOKS = "`{name}` does not receive webhooks, so it needs no connection."
+
+
+def enabled(*, workflow: str, params: dict[str, Any], updated: bool) -> str:
+    shown = ", ".join(f"`{escape(k)}={escape(v)}`" for k, v in params.items())
+    verb = "updated" if updated else "enabled"
+    return f":white_check_mark: `{workflow}` {verb} in this channel" + (f" with {shown}." if shown else ".")
+
+
+def connection_created(*, integration: str, url: str, secret: str, hint: str) -> str:
+    return (f":link: New *{integration}* connection.\nURL: `{url}`\nSecret: `{secret}`\n"
+            f"_The secret is shown this once; store it in {integration} now. "
+            f"`/relay connect {integration} rotate` issues a new one._\n{hint}")
+
+
+def connection_existing(*, integration: str, url: str, hint: str) -> str:
+    return (f":link: *{integration}* connection URL: `{url}`\n_The secret was shown when the connection was "
+            f"created; `/relay connect {integration} rotate` issues a new one._\n{hint}")
+
+
+def connection_rotated(*, integration: str, url: str, secret: str) -> str:
+    return (f":arrows_counterclockwise: New secret for the *{integration}* connection: `{secret}`\n"
+            f"URL (unchanged): `{url}`\n_Shown this once; the old secret no longer works._")
+
+
+def catalog_line(*, name: str, title: str, description: str, triggers: list[str], enabled_here: bool) -> str:
+    mark = ":large_green_circle:" if enabled_here else ":white_circle:"
+    on = ", ".join(triggers)
+    text = f"{mark} `{name}` — {escape(title)} _(on {on})_"
+    if description:
+        text += f"\n      {escape(description)}"
+    return text
+
+
+EMPTY_CATALOG = "There are no workflows in the catalog yet (add YAML files to the workflows directory)."
+LIST_FOOTER = ":large_green_circle: enabled in this channel — `{command} enable <workflow>` to enable one."
+
+UNEXPECTED = "Something went wrong on relaybot's side (reference `{ref}`); an operator can find it in the log."

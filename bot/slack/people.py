@@ -1,0 +1,135 @@
+"""Who someone is in Slack: admins, approvers, guests — asked of Slack, cached briefly.
+
+A lookup that fails denies (an approver check never passes because Slack could not answer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+
+from bot.engine.workflow import Approvers
+from bot.slack.client import NoToken, SlackApi
+
+USER_TTL = 60.0
+GROUP_TTL = 60.0
+
+
+class LookupFailed(Exception):
+    pass
+
+
+@dataclass
+class Person:
+    id: str
+    name: str | None
+    is_admin: bool
+    is_bot: bool
+    is_guest: bool
+    deleted: bool
+
+
+class _TTLCache:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._data: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        entry = self._data.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._data) > 10_000:
+            self._data.clear()
+        self._data[key] = (time.monotonic() + self.ttl, value)
+
+
+class People:
+    def __init__(self, *, slack: SlackApi, extra_admins: list[str]) -> None:
+        self.slack = slack
+        self.extra_admins = set(extra_admins)
+        self._users = _TTLCache(USER_TTL)
+        self._groups = _TTLCache(GROUP_TTL)
+
+    async def _call(self, team_id: str, method: str, **arguments: Any) -> dict[str, Any]:
+        try:
+            return await self.slack.call(team_id, method, **arguments)
+        except SlackApiError as exc:
+            raise LookupFailed(f"{method}: {exc.response.get('error', 'error')}") from None
+        except NoToken as exc:
+            raise LookupFailed(str(exc)) from None
+        except Exception as exc:
+            raise LookupFailed(f"{method}: {type(exc).__name__}") from None
+
+    async def person(self, team_id: str, user_id: str, *, fresh: bool = False) -> Person:
+        cached = None if fresh else self._users.get((team_id, user_id))
+        if cached is not None:
+            return cached
+        data = (await self._call(team_id, "users.info", user=user_id)).get("user") or {}
+        profile = data.get("profile") or {}
+        person = Person(
+            id=user_id,
+            name=profile.get("display_name") or data.get("real_name") or data.get("name"),
+            is_admin=bool(data.get("is_admin") or data.get("is_owner") or data.get("is_primary_owner")),
+            is_bot=bool(data.get("is_bot")) or user_id == "USLACKBOT",
+            is_guest=bool(data.get("is_restricted") or data.get("is_ultra_restricted")),
+            deleted=bool(data.get("deleted")),
+        )
+        self._users.put((team_id, user_id), person)
+        return person
+
+    async def is_admin(self, team_id: str, user_id: str) -> bool:
+        if user_id in self.extra_admins:
+            return True
+        try:
+            person = await self.person(team_id, user_id)
+        except LookupFailed:
+            return False
+        return person.is_admin and not person.deleted
+
+    async def _group_id(self, team_id: str, group: str) -> str | None:
+        if group.startswith("S") and group[1:].isalnum() and group.upper() == group:
+            return group
+        handle = group.lstrip("@").lower()
+        cached = self._groups.get((team_id, "handles"))
+        if cached is None:
+            data = await self._call(team_id, "usergroups.list")
+            cached = {str(item.get("handle", "")).lower(): item["id"] for item in data.get("usergroups", [])}
+            self._groups.put((team_id, "handles"), cached)
+        return cached.get(handle)
+
+    async def group_members(self, team_id: str, group: str, *, fresh: bool = False) -> set[str]:
+        group_id = await self._group_id(team_id, group)
+        if group_id is None:
+            return set()
+        cached = None if fresh else self._groups.get((team_id, group_id))
+        if cached is not None:
+            return cached
+        data = await self._call(team_id, "usergroups.users.list", usergroup=group_id)
+        members = set(data.get("users") or [])
+        self._groups.put((team_id, group_id), members)
+        return members
+
+    async def may_approve(self, team_id: str, user_id: str, approvers: Approvers | None,
+                          started_by: str | None) -> str | None:
+        """None if the user may decide; otherwise the reason they may not (for the ephemeral reply)."""
+        from bot.slack import messages
+
+        person = await self.person(team_id, user_id, fresh=True)
+        if person.is_bot or person.is_guest or person.deleted:
+            return messages.CLICK_NOT_ALLOWED_KIND
+        if approvers is not None and not approvers.allow_self and started_by and started_by == user_id:
+            return messages.CLICK_SELF
+        if approvers is None or approvers.anyone:
+            return None
+        if user_id in approvers.users:
+            return None
+        for group in approvers.groups:
+            if user_id in await self.group_members(team_id, group, fresh=True):
+                return None
+        return messages.CLICK_NOT_APPROVER

@@ -1,0 +1,278 @@
+"""The tables. Every row belongs to one workspace (`team_id`), except the content-addressed workflow versions.
+
+State machines live in `bot.engine`; these classes only say what is stored.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use aware UTC datetimes")
+        value = value.astimezone(UTC)
+        # SQLite compares datetimes as text: one format without an offset keeps the order right.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# A 64-bit primary key on PostgreSQL, and SQLite's rowid alias (which must be exactly INTEGER) there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    team_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    installed_at: Mapped[datetime]
+    uninstalled_at: Mapped[datetime | None]
+
+
+class DataKey(Base):
+    """A workspace's data key, wrapped (AES-GCM) by one master key."""
+
+    __tablename__ = "data_keys"
+    team_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    master_key_id: Mapped[str] = mapped_column(String(32))
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    rewrapped_at: Mapped[datetime | None]
+
+
+class Connection(Base):
+    """An inbound endpoint: `/hooks/<id>` for one integration of one workspace."""
+
+    __tablename__ = "connections"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(32), index=True)
+    integration: Mapped[str] = mapped_column(String(40))
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    rotated_at: Mapped[datetime | None]
+    __table_args__ = (UniqueConstraint("team_id", "integration"),)
+
+
+class Subscription(Base):
+    """A workflow enabled in one channel of one workspace."""
+
+    __tablename__ = "subscriptions"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    channel_id: Mapped[str] = mapped_column(String(32))
+    workflow: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]]
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    __table_args__ = (
+        UniqueConstraint("team_id", "channel_id", "workflow"),
+        Index("ix_subscriptions_team_workflow", "team_id", "workflow"),
+    )
+
+
+class Event(Base):
+    """The inbox: every accepted webhook, command, poll find or schedule tick, stored before it is answered."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(40))
+    delivery_id: Mapped[str] = mapped_column(String(200))
+    connection_id: Mapped[str | None] = mapped_column(String(64))
+    # Set when the event targets one subscription (a `/relay run`, a poll, a schedule tick).
+    subscription_id: Mapped[int | None] = mapped_column(BigId)
+    kind: Mapped[str] = mapped_column(String(200))
+    # What a trigger's `events:` filter compares (X-GitHub-Event, object_kind, event_type ...).
+    event_name: Mapped[str | None] = mapped_column(String(200))
+    # False for events that only test a connection (GitHub's ping): they start only runs that name them.
+    actionable: Mapped[bool] = mapped_column(default=True)
+    # A `/relay run` names its workflow and channel; other events go to every matching subscription.
+    target_workflow: Mapped[str | None] = mapped_column(String(100))
+    target_channel: Mapped[str | None] = mapped_column(String(32))
+    summary: Mapped[str] = mapped_column(Text, default="")
+    link: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[Any] = mapped_column(JSON)
+    headers: Mapped[dict[str, Any]]
+    source_addr: Mapped[str | None] = mapped_column(String(64))
+    started_by: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime]
+    processed_at: Mapped[datetime | None]
+    __table_args__ = (
+        UniqueConstraint("team_id", "source", "delivery_id"),
+        Index("ix_events_pending", "processed_at", "id"),
+    )
+
+
+class WorkflowVersion(Base):
+    """The exact workflow text a run started with, so a run finishes as it began even if the file changes."""
+
+    __tablename__ = "workflow_versions"
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    path: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    subscription_id: Mapped[int | None] = mapped_column(BigId)
+    event_id: Mapped[int] = mapped_column(BigId, ForeignKey("events.id"))
+    workflow: Mapped[str] = mapped_column(String(100))
+    workflow_hash: Mapped[str] = mapped_column(String(64), ForeignKey("workflow_versions.hash"))
+    channel_id: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(Text, default="")
+    context: Mapped[dict[str, Any]]
+    card: Mapped[dict[str, Any]]
+    started_by: Mapped[str | None] = mapped_column(String(64))
+    started_by_name: Mapped[str | None] = mapped_column(String(200))
+    cancelled_by: Mapped[str | None] = mapped_column(String(64))
+    card_ts: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    wake_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    __table_args__ = (
+        UniqueConstraint("event_id", "subscription_id"),
+        Index("ix_runs_due", "wake_at"),
+        Index("ix_runs_team_channel", "team_id", "channel_id", "created_at"),
+    )
+
+
+class Step(Base):
+    __tablename__ = "steps"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(16), ForeignKey("runs.id"))
+    team_id: Mapped[str] = mapped_column(String(32))
+    position: Mapped[int]
+    step_id: Mapped[str] = mapped_column(String(100))
+    title: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(default=0)
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_by_name: Mapped[str | None] = mapped_column(String(200))
+    decision: Mapped[str | None] = mapped_column(String(16))
+    decided_at: Mapped[datetime | None]
+    waiting_since: Mapped[datetime | None]
+    deadline: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_ms: Mapped[int | None]
+    __table_args__ = (UniqueConstraint("run_id", "step_id"), Index("ix_steps_run", "run_id", "position"))
+
+
+class AuditHead(Base):
+    """The newest record of each workspace's chain: appends lock this row, so the chain stays one line."""
+
+    __tablename__ = "audit_heads"
+    team_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditRecord(Base):
+    __tablename__ = "audit_records"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[str] = mapped_column(String(40))  # RFC 3339 UTC text: hashed exactly as stored
+    actor: Mapped[str] = mapped_column(String(100))
+    actor_name: Mapped[str | None] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(60))
+    run_id: Mapped[str | None] = mapped_column(String(16))
+    workflow: Mapped[str | None] = mapped_column(String(100))
+    workflow_hash: Mapped[str | None] = mapped_column(String(64))
+    step: Mapped[str | None] = mapped_column(String(100))
+    outcome: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]]
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (UniqueConstraint("team_id", "seq"), Index("ix_audit_records_run", "run_id"))
+
+
+class OutboxMessage(Base):
+    """A Slack message to deliver, written with the state change that caused it."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    channel_id: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[str | None] = mapped_column(String(16))
+    # Messages of one lane are delivered one at a time in id order (a run's card before its thread replies).
+    lane: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    not_before: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    result_ts: Mapped[str | None] = mapped_column(String(32))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_outbox_pending", "state", "id"),)
+
+
+class Secret(Base):
+    __tablename__ = "secrets"
+    team_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    set_by: Mapped[str] = mapped_column(String(64))
+    set_by_name: Mapped[str | None] = mapped_column(String(200))
+    set_at: Mapped[datetime]

@@ -1,0 +1,217 @@
+"""What every integration is made of: a webhook `verify()` and `parse()`, a trigger filter, a default card, and
+actions with typed inputs and outputs.
+
+Integrations never import `bot`: whatever they need (an HTTP client, a Slack poster, base URLs) arrives per call
+in an `ActionContext`, so the same code runs in the server, in `relaybot test` and in the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ConfigDict
+
+from integrations.httpclient import HttpClient
+
+# ---------------------------------------------------------------------------------------------- webhooks
+
+
+@dataclass(frozen=True)
+class IncomingWebhook:
+    """One inbound request, as the webhook door received it."""
+
+    body: bytes
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDict, or a dict with lower-case keys)
+    query: Mapping[str, str] = field(default_factory=dict)
+    remote: str | None = None
+
+    def header(self, name: str) -> str | None:
+        value = self.headers.get(name)
+        if value is None:
+            value = self.headers.get(name.lower())
+        return value
+
+
+class BadPayload(Exception):
+    """The body is not what the integration accepts (malformed JSON, a missing field): HTTP 400."""
+
+
+@dataclass
+class ParsedEvent:
+    """An event in the shape workflows see: `event` is `payload`, `trigger.kind` is `kind`."""
+
+    kind: str
+    payload: Any
+    delivery_id: str | None
+    summary: str
+    link: str | None = None
+    # Headers kept for `trigger.headers` (never an Authorization or signature header).
+    headers: dict[str, str] = field(default_factory=dict)
+    # Filter value compared with a trigger's `events:` list (X-GitHub-Event, object_kind, event_type …).
+    event_name: str | None = None
+    # False for events that only test the connection (GitHub's `ping`): answered, and run only if subscribed.
+    actionable: bool = True
+
+
+def parse_json_body(request: IncomingWebhook) -> Any:
+    """JSON, or a form body (`application/x-www-form-urlencoded`, with GitHub's `payload=` convention)."""
+    content_type = (request.header("Content-Type") or "").split(";")[0].strip().lower()
+    text = request.body.decode("utf-8", errors="strict") if request.body else ""
+    try:
+        if content_type == "application/x-www-form-urlencoded":
+            form = dict(parse_qsl(text, keep_blank_values=True))
+            if set(form) == {"payload"}:
+                return json.loads(form["payload"])
+            return form
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadPayload(f"the body is not valid JSON: {exc}") from None
+
+
+def hmac_sha256_hex(secret: bytes, message: bytes) -> str:
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    a_bytes = a.encode() if isinstance(a, str) else a
+    b_bytes = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_bytes, b_bytes)
+
+
+def verify_hub_signature(*, secret: str, body: bytes, header: str | None) -> bool:
+    """`X-Hub-Signature-256: sha256=<hex>` (GitHub and many others). No secret or no header: rejected."""
+    if not secret or not header or not header.startswith("sha256="):
+        return False
+    expected = "sha256=" + hmac_sha256_hex(secret.encode(), body)
+    return constant_time_equal(expected, header.strip())
+
+
+def verify_bearer(*, secret: str, header: str | None) -> bool:
+    if not secret or not header:
+        return False
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and constant_time_equal(token.strip(), secret)
+
+
+# ---------------------------------------------------------------------------------------------- cards
+
+
+class CardSpec(BaseModel):
+    """What an integration proposes for a run's card; a workflow's `card:` overrides any of it."""
+
+    title: str | None = None
+    fields: dict[str, str] = {}
+    link: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- actions
+
+
+class SlackPoster(Protocol):
+    async def post_message(self, *, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
+                           thread_ts: str | None = None) -> dict[str, Any]: ...
+
+
+class ActionFailed(Exception):
+    """An action failed; the message is shown in the step's audit thread reply (after masking)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass
+class ActionContext:
+    http: HttpClient
+    slack: SlackPoster | None
+    idempotency_key: str
+    channel: str | None = None
+    thread_ts: str | None = None
+    timeout: float = 30.0
+    base_urls: Mapping[str, str] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("relaybot.actions"))
+
+    def base_url(self, integration: str, default: str) -> str:
+        return self.base_urls.get(integration, default).rstrip("/")
+
+
+class ActionInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActionOutput(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+InputT = TypeVar("InputT", bound=ActionInput)
+OutputT = TypeVar("OutputT", bound=ActionOutput)
+
+
+class Action(Generic[InputT, OutputT]):
+    """One `uses:` name. Subclasses set the class variables and implement `run`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Input: ClassVar[type[ActionInput]]
+    Output: ClassVar[type[ActionOutput]]
+    # True when running it twice has the effect of running it once (or the target dedupes on Idempotency-Key).
+    idempotent: ClassVar[bool] = False
+
+    async def run(self, inputs: InputT, ctx: ActionContext) -> OutputT:
+        raise NotImplementedError
+
+    def is_idempotent(self, inputs: InputT) -> bool:
+        return self.idempotent
+
+
+# ---------------------------------------------------------------------------------------------- integrations
+
+
+class TriggerConfig(BaseModel):
+    """A trigger's keys under `on.<integration>:`; most integrations filter on an event name."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[str] | None = None
+
+
+class Integration:
+    """An external tool: its inbound webhooks and its actions."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    trigger_config: ClassVar[type[TriggerConfig]] = TriggerConfig
+    actions: ClassVar[tuple[type[Action[Any, Any]], ...]] = ()
+    # Whether relaybot generates the connection's secret (most) or the tool generates it and an admin pastes it
+    # in with `/relay connect <integration> set-secret` (PagerDuty).
+    secret_generated_by_tool: ClassVar[bool] = False
+    receives_webhooks: ClassVar[bool] = True
+    default_base_url: ClassVar[str | None] = None
+
+    def verify(self, *, secret: str, request: IncomingWebhook, now: float) -> bool:
+        raise NotImplementedError
+
+    def parse(self, request: IncomingWebhook) -> ParsedEvent:
+        raise NotImplementedError
+
+    def matches(self, config: TriggerConfig, event: ParsedEvent) -> bool:
+        if config.events is None:
+            return event.actionable
+        return event.event_name in config.events or event.kind in config.events
+
+    def default_card(self, event: ParsedEvent) -> CardSpec:
+        return CardSpec(title=event.summary or event.kind, link=event.link)
+
+    def setup_hint(self, *, url: str) -> str:
+        """How to point the tool at the connection URL (one or two sentences, mrkdwn)."""
+        return f"Send webhooks to {url}."
+
+
+Handler = Callable[..., Awaitable[Any]]

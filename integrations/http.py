@@ -1,0 +1,71 @@
+"""`http.request`: call any HTTP API (through the outbound guard)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from integrations.base import Action, ActionContext, ActionFailed, ActionInput, ActionOutput
+from integrations.httpclient import BlockedAddress, ResponseTooLarge
+
+TEXT_OUTPUT_LIMIT = 64 * 1024
+
+
+class RequestInput(ActionInput):
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] = "GET"
+    url: str = Field(pattern=r"^https?://", description="an http or https URL")
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+    json_: Any = Field(default=None, alias="json", description="a body sent as JSON")
+    body: str | None = Field(default=None, description="a raw text body")
+    fail_on_status: bool = Field(default=True, description="fail the step on a 4xx/5xx answer")
+
+    @model_validator(mode="after")
+    def _one_body(self) -> RequestInput:
+        if self.json_ is not None and self.body is not None:
+            raise ValueError("give either json or body, not both")
+        return self
+
+
+class RequestOutput(ActionOutput):
+    status: int
+    headers: dict[str, str]
+    json_: Any = Field(default=None, alias="json", serialization_alias="json")
+    text: str
+
+
+class Request(Action[RequestInput, RequestOutput]):
+    name: ClassVar[str] = "http.request"
+    description: ClassVar[str] = "Send an HTTP request; outputs status, headers, json (when the answer is JSON) and text."
+    Input = RequestInput
+    Output = RequestOutput
+
+    def is_idempotent(self, inputs: RequestInput) -> bool:
+        return inputs.method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
+
+    async def run(self, inputs: RequestInput, ctx: ActionContext) -> RequestOutput:
+        headers = dict(inputs.headers)
+        if not any(name.lower() == "idempotency-key" for name in headers):
+            headers["Idempotency-Key"] = ctx.idempotency_key
+        try:
+            response = await ctx.http.request(inputs.method, inputs.url, headers=headers, json_body=inputs.json_,
+                                              data=inputs.body, params=inputs.query or None, timeout=ctx.timeout)
+        except BlockedAddress as exc:
+            raise ActionFailed(f"refused: {exc}", retryable=False) from None
+        except ResponseTooLarge as exc:
+            raise ActionFailed(str(exc), retryable=False) from None
+        except TimeoutError:
+            raise ActionFailed(f"{inputs.method} {inputs.url} timed out after {ctx.timeout:g}s") from None
+        except OSError as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, BlockedAddress) or "RELAYBOT_HTTP_ALLOW" in str(exc):
+                raise ActionFailed(f"refused: {cause}", retryable=False) from None
+            raise ActionFailed(f"{inputs.method} {inputs.url} failed: {exc}") from None
+        text = response.text
+        output = RequestOutput(status=response.status, headers=response.headers, json=response.json_or_none(),
+                               text=text[:TEXT_OUTPUT_LIMIT])
+        if inputs.fail_on_status and response.status >= 400:
+            raise ActionFailed(f"{inputs.method} {inputs.url} answered {response.status}: {text[:300]}",
+                               retryable=response.status >= 500 or response.status in (408, 425, 429))
+        return output

@@ -1,0 +1,26 @@
+"""The integrations and actions relaybot knows, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from integrations.base import Action, Integration
+from integrations.github import GitHub
+from integrations.http import Request
+from integrations.slack import Post
+from integrations.webhook import Webhook
+
+INTEGRATIONS: dict[str, type[Integration]] = {cls.name: cls for cls in (Webhook, GitHub)}
+
+ACTIONS: dict[str, type[Action[Any, Any]]] = {cls.name: cls for cls in (Request, Post)}
+for _integration in INTEGRATIONS.values():
+    for _action in _integration.actions:
+        ACTIONS[_action.name] = _action
+
+
+def integration(name: str) -> Integration:
+    return INTEGRATIONS[name]()
+
+
+def action(name: str) -> Action[Any, Any]:
+    return ACTIONS[name]()

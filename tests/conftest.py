@@ -1,0 +1,265 @@
+"""Shared fixtures: a Slack emulator, the bot on a random port, and helpers that go through the real doors."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import socket
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bot.app import build_services, create_app
+from bot.emulator.webapi import Message, SlackEmulator
+from bot.masking import LogMasker
+from bot.services import Services
+from bot.settings import Settings
+from tests.fakes.github import FakeGitHub
+from tests.fakes.http_target import HttpTarget
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = ROOT.parent / "shared" / "corpora"
+TEAM = "T0ACME001"
+CHANNEL = "C0DEPLOYS"
+ADMIN = "U0ADMIN01"
+ALICE = "U0ALICE01"
+BOB = "U0BOB0001"
+GUEST = "U0GUEST01"
+MASTER_KEY = base64.b64encode(b"k" * 32).decode()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def write_workflow(directory: Path, name: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.yml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def github_headers(secret: str, body: bytes, *, event: str, delivery: str) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "X-GitHub-Event": event, "X-GitHub-Delivery": delivery,
+            "X-Hub-Signature-256": f"sha256={digest}", "User-Agent": "GitHub-Hookshot/test"}
+
+
+def extract(pattern: str, text: str) -> str:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not found in {text!r}"
+    return match.group(1)
+
+
+class Bot:
+    """The bot running in this process on a random port, in front of a Slack emulator."""
+
+    def __init__(self, *, tmp: Path, slack: SlackEmulator, workflows: Path, env: dict[str, Any]) -> None:
+        self.tmp = tmp
+        self.slack = slack
+        self.workflows = workflows
+        self.env = env
+        self.url = ""
+        self.services: Services | None = None
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    def settings(self, port: int) -> Settings:
+        values = {
+            "slack_signing_secret": self.slack.signing_secret,
+            "slack_bot_token": self.slack.teams[TEAM].bot_token,
+            "slack_api_url": self.slack.api_url,
+            "database_url": f"sqlite+aiosqlite:///{self.tmp / 'relaybot.db'}",
+            "master_keys": [MASTER_KEY],
+            "workflows_dir": self.workflows,
+            "public_url": f"http://127.0.0.1:{port}",
+            "admins": [],
+            "http_allow": ["127.0.0.1", "localhost"],
+            "slack_channel_rate": 0,
+            "worker_poll_interval": 0.2,
+            "lease_seconds": 5,
+        }
+        values.update(self.env)
+        return Settings(**values)
+
+    async def start(self) -> Bot:
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        settings = self.settings(port)
+        self.services = build_services(settings, log_masker=LogMasker())
+        app = create_app(settings, services=self.services)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        self.url = f"http://127.0.0.1:{port}"
+        self.slack.bot_url = self.url
+        return self
+
+    async def stop(self) -> None:
+        if self._http:
+            await self._http.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def command(self, text: str, *, user: str = ADMIN, channel: str = CHANNEL, team: str = TEAM) -> str:
+        """Send `/relay <text>` and return the ephemeral reply's text."""
+        before = len(self.slack.responses)
+        status, _ = await self.slack.slash_command(team, channel, user, text)
+        assert status == 200
+        await self.slack.wait_for(lambda: len(self.slack.responses) > before)
+        return str(self.slack.responses[before]["text"])
+
+    async def connect(self, integration: str) -> tuple[str, str]:
+        reply = await self.command(f"connect {integration}")
+        return extract(r"URL: `([^`]+)`", reply), extract(r"Secret: `([^`]+)`", reply)
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        async with self.http().post(url, data=body, headers=headers) as response:
+            text = await response.text()
+            return response.status, json.loads(text) if text.startswith("{") else {"text": text}
+
+    async def github(self, url: str, secret: str, payload: dict[str, Any] | bytes, *, event: str = "pull_request",
+                     delivery: str | None = None) -> tuple[int, dict[str, Any]]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        delivery = delivery or f"d-{time.time_ns()}"
+        return await self.post(url, body, github_headers(secret, body, event=event, delivery=delivery))
+
+    def cards(self, channel: str = CHANNEL) -> list[Message]:
+        return self.slack.channel_messages(TEAM, channel)
+
+    async def wait_card(self, predicate: Any = None, channel: str = CHANNEL, timeout: float = 10.0) -> Message:
+        def find() -> Message | None:
+            for message in self.cards(channel):
+                if predicate is None or predicate(message):
+                    return message
+            return None
+
+        return await self.slack.wait_for(find, timeout=timeout)
+
+    def thread_texts(self, card: Message, channel: str = CHANNEL) -> list[str]:
+        return [m.text for m in self.slack.thread(TEAM, channel, card.ts)]
+
+    async def wait_thread(self, card: Message, needle: str, channel: str = CHANNEL, timeout: float = 10.0) -> list[str]:
+        await self.slack.wait_for(lambda: any(needle in text for text in self.thread_texts(card, channel)),
+                                  timeout=timeout)
+        return self.thread_texts(card, channel)
+
+    async def click(self, card: Message, action: str, *, user: str = ALICE, channel: str = CHANNEL,
+                    snapshot: Message | None = None) -> str | None:
+        """Click a button on the card; return the ephemeral reply's text if one came within a moment."""
+        before = len(self.slack.responses)
+        status, _ = await self.slack.click(TEAM, channel, user, card.ts, action, snapshot=snapshot)
+        assert status == 200
+        try:
+            await self.slack.wait_for(lambda: len(self.slack.responses) > before, timeout=1.0)
+        except TimeoutError:
+            return None
+        return str(self.slack.responses[before]["text"])
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait until the engine and the outbox have nothing left to do."""
+        assert self.services is not None
+        deadline = time.monotonic() + timeout
+        import asyncio
+
+        while time.monotonic() < deadline:
+            if await self.services.engine.idle() and await self.services.outbox.idle():
+                await asyncio.sleep(0.05)
+                if await self.services.engine.idle() and await self.services.outbox.idle():
+                    return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the bot did not settle")
+
+
+def block_texts(message: Message) -> str:
+    """Everything a card says, flattened (for assertions)."""
+    parts: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("text"), str):
+                parts.append(value["text"])
+            for item in value.values():
+                if isinstance(item, dict | list):
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(message.blocks or [])
+    return "\n".join(parts)
+
+
+def buttons(message: Message) -> list[str]:
+    return [element["action_id"] for block in message.blocks or [] if block.get("type") == "actions"
+            for element in block.get("elements", [])]
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[SlackEmulator]:
+    emulator = SlackEmulator()
+    emulator.add_team(TEAM, "acme")
+    emulator.add_user(TEAM, ADMIN, "ada", is_admin=True)
+    emulator.add_user(TEAM, ALICE, "alice")
+    emulator.add_user(TEAM, BOB, "bob")
+    emulator.add_user(TEAM, GUEST, "gus", is_restricted=True)
+    emulator.add_usergroup(TEAM, "S0ONCALL1", "oncall", [BOB])
+    emulator.add_channel(TEAM, CHANNEL, "deploys")
+    emulator.add_channel(TEAM, "C0OTHER01", "other")
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[HttpTarget]:
+    server = HttpTarget()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def github_api() -> AsyncIterator[FakeGitHub]:
+    server = FakeGitHub()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def workflows(tmp_path: Path) -> Path:
+    directory = tmp_path / "workflows"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+async def make_bot(tmp_path: Path, slack: SlackEmulator, workflows: Path) -> AsyncIterator[Any]:
+    bots: list[Bot] = []
+
+    async def make(**env: Any) -> Bot:
+        bot = Bot(tmp=tmp_path, slack=slack, workflows=env.pop("workflows_dir", workflows), env=env)
+        bots.append(bot)
+        return await bot.start()
+
+    yield make
+    for bot in bots:
+        await bot.stop()
