@@ -1,0 +1,42 @@
+"""The `relaybot` command: one module per subcommand, each with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bot.cli import db, serve, validate
+from bot.cli.common import EXIT_CONFIG, configure_logging
+from bot.errors import ConfigError, WorkflowError
+from bot.settings import Settings, load_settings
+
+SUBCOMMANDS = (serve, validate, db)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaybot", description="Event-driven DevOps workflows in Slack.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"relaybot: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WorkflowError as exc:
+        print("relaybot: the workflows have problems:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,34 @@
+"""`relaybot serve`: the bot over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from bot.errors import ConfigError
+from bot.settings import Settings
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("serve", help="run the bot over HTTP (Slack events, webhooks, health, metrics)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: PORT or 3000)")
+    parser.add_argument("--socket-mode", action="store_true", help="connect to Slack with Socket Mode")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from bot.app import create_app
+
+    settings.require_for_serve(socket_mode=args.socket_mode)
+    if args.socket_mode:
+        raise ConfigError("--socket-mode is not available yet; serve over HTTP (the default)")
+    if args.port is not None:
+        settings = settings.model_copy(update={"port": args.port})
+    app = create_app(settings)
+    print(f"relaybot serving on http://{settings.host}:{settings.port} "
+          f"(Slack requests at /slack/events, webhooks at /hooks/<connection>)", file=sys.stderr)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
