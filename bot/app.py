@@ -49,7 +49,7 @@ def process_owner() -> str:
 
 
 def build_services(settings: Settings, *, catalog: Catalog | None = None, log_masker: LogMasker | None = None,
-                   key_file: Path | None = None) -> Services:
+                   key_file: Path | None = None, http: HttpClient | None = None) -> Services:
     """Everything the doors need; nothing is started or connected yet."""
     from datetime import timedelta
 
@@ -69,8 +69,8 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     owner = process_owner()
     lease = timedelta(seconds=settings.lease_seconds)
     log_masker = log_masker or LogMasker()
-    http = HttpClient(allow=settings.http_allow, timeout=settings.http_timeout,
-                      max_response=settings.http_max_response)
+    http = http or HttpClient(allow=settings.http_allow, timeout=settings.http_timeout,
+                              max_response=settings.http_max_response)
     outbox = Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=settings.slack_channel_rate,
                     poll_interval=settings.worker_poll_interval, lease=lease)
     intake = Intake(db=db, catalog=catalog)

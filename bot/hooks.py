@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 from sqlalchemy import select
@@ -22,7 +22,7 @@ from bot.errors import DecryptionError
 from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
-from bot.store.models import Connection, Workspace
+from bot.store.models import Connection, Event, Workspace
 from integrations.base import BadPayload, IncomingWebhook, Integration
 from integrations.registry import INTEGRATIONS
 
@@ -98,6 +98,15 @@ class WebhookDoor:
         self.cache.put(connection_id, known)
         return known
 
+    async def _recent_duplicate(self, team_id: str, source: str, content_hash: str, window: float) -> int | None:
+        """The id of an event with the same content hash received within `window` seconds, if any."""
+        since = datetime.now(UTC) - timedelta(seconds=window)
+        async with self.db.read() as session:
+            return (await session.execute(
+                select(Event.id).where(Event.team_id == team_id, Event.source == source,
+                                       Event.delivery_id.like(f"{content_hash}@%"), Event.received_at >= since)
+                .order_by(Event.id.desc()).limit(1))).scalar_one_or_none()
+
     async def _read_body(self, request: web.Request) -> bytes | None:
         if request.content_length is not None and request.content_length > self.max_body:
             return None
@@ -134,6 +143,13 @@ class WebhookDoor:
             self.metrics.events_rejected.labels(source=known.integration, reason="malformed").inc()
             return _json_error(400, str(exc))
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
+        if parsed.dedupe_window is not None and parsed.delivery_id:
+            earlier = await self._recent_duplicate(known.team_id, known.integration, parsed.delivery_id,
+                                                   parsed.dedupe_window)
+            if earlier is not None:
+                self.metrics.events_duplicate.labels(source=known.integration).inc()
+                return web.json_response({"ok": True, "event": earlier, "duplicate": True}, status=202)
+            delivery = f"{parsed.delivery_id}@{int(time.time())}"
         stored = await self.inbox.store(NewEvent(
             team_id=known.team_id, source=known.integration, delivery_id=delivery[:200], kind=parsed.kind[:200],
             payload=parsed.payload, received_at=datetime.now(UTC), summary=parsed.summary[:1000],

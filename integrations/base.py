@@ -58,6 +58,9 @@ class ParsedEvent:
     event_name: str | None = None
     # False for events that only test the connection (GitHub's `ping`): answered, and run only if subscribed.
     actionable: bool = True
+    # For senders without a delivery id (Alertmanager): `delivery_id` is a content hash, and the same hash
+    # seen within this many seconds is a duplicate.
+    dedupe_window: float | None = None
 
 
 def parse_json_body(request: IncomingWebhook) -> Any:

@@ -49,6 +49,10 @@ async def guarded(respond: AsyncRespond | None, work: Callable[[], Awaitable[str
         await _ephemeral(respond, reply)
 
 
+# Modules that add listeners of their own (modals, App Home, events) register here: `register(app, services)`.
+EXTENSIONS: tuple[Callable[[AsyncApp, Services], None], ...] = ()
+
+
 def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[AuthorizeResult]] | None = None
                    ) -> AsyncApp:
     settings = services.settings
@@ -80,6 +84,9 @@ def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[Aut
 
     app.action(APPROVE_ACTION)(on_click)
     app.action(SKIP_ACTION)(on_click)
+
+    for extension in EXTENSIONS:
+        extension(app, services)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> None:
