@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from integrations.apicall import RETRYABLE_STATUSES, send
 from integrations.base import Action, ActionContext, ActionFailed, ActionInput, ActionOutput
-from integrations.httpclient import BlockedAddress, ResponseTooLarge
 
 TEXT_OUTPUT_LIMIT = 64 * 1024
 
@@ -37,7 +37,8 @@ class RequestOutput(ActionOutput):
 
 class Request(Action[RequestInput, RequestOutput]):
     name: ClassVar[str] = "http.request"
-    description: ClassVar[str] = "Send an HTTP request; outputs status, headers, json (when the answer is JSON) and text."
+    description: ClassVar[str] = ("Send an HTTP request; outputs status, headers, json (when the answer is JSON) "
+                                  "and text.")
     Input = RequestInput
     Output = RequestOutput
 
@@ -48,24 +49,13 @@ class Request(Action[RequestInput, RequestOutput]):
         headers = dict(inputs.headers)
         if not any(name.lower() == "idempotency-key" for name in headers):
             headers["Idempotency-Key"] = ctx.idempotency_key
-        try:
-            response = await ctx.http.request(inputs.method, inputs.url, headers=headers, json_body=inputs.json_,
-                                              data=inputs.body, params=inputs.query or None, timeout=ctx.timeout)
-        except BlockedAddress as exc:
-            raise ActionFailed(f"refused: {exc}", retryable=False) from None
-        except ResponseTooLarge as exc:
-            raise ActionFailed(str(exc), retryable=False) from None
-        except TimeoutError:
-            raise ActionFailed(f"{inputs.method} {inputs.url} timed out after {ctx.timeout:g}s") from None
-        except OSError as exc:
-            cause = exc.__cause__ or exc
-            if isinstance(cause, BlockedAddress) or "RELAYBOT_HTTP_ALLOW" in str(exc):
-                raise ActionFailed(f"refused: {cause}", retryable=False) from None
-            raise ActionFailed(f"{inputs.method} {inputs.url} failed: {exc}") from None
+        # A TimeoutError is left to the step runner, which reports the step as timed out.
+        response = await send(ctx, inputs.method, inputs.url, headers=headers, json_body=inputs.json_,
+                              data=inputs.body, params=inputs.query or None)
         text = response.text
         output = RequestOutput(status=response.status, headers=response.headers, json=response.json_or_none(),
                                text=text[:TEXT_OUTPUT_LIMIT])
         if inputs.fail_on_status and response.status >= 400:
             raise ActionFailed(f"{inputs.method} {inputs.url} answered {response.status}: {text[:300]}",
-                               retryable=response.status >= 500 or response.status in (408, 425, 429))
+                               retryable=response.status in RETRYABLE_STATUSES)
         return output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,12 +37,21 @@ _BLOCKED_V6 = [ipaddress.ip_network(net) for net in (
 )]
 
 
+ALLOW_HINT = "an operator can allow the host with RELAYBOT_HTTP_ALLOW"
+# Request headers that carry credentials: never sent on to another host when a redirect leaves the origin.
+CREDENTIAL_HEADERS = ("authorization", "private-token", "cookie", "proxy-authorization", "x-api-key")
+
+
 class BlockedAddress(Exception):
     """The destination is not allowed by the outbound HTTP guard."""
 
 
 class ResponseTooLarge(Exception):
     pass
+
+
+class RequestFailed(Exception):
+    """The request did not get an answer: connection refused or reset, TLS error, malformed answer."""
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -71,6 +81,21 @@ def _host_of(url: URL) -> str:
     return (url.host or "").strip("[]").lower().rstrip(".")
 
 
+_NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$", re.IGNORECASE)
+
+
+def legacy_ipv4(host: str) -> str | None:
+    """The dotted-quad address of a host written in a legacy numeric form (`2130706433`, `0177.0.0.1`,
+    `127.1`, `0x7f.1`), which resolvers accept as an address; None for anything else."""
+    if not _NUMERIC_HOST.match(host):
+        return None
+    try:
+        canonical = socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+    return canonical if canonical != host else None
+
+
 class AddressGuard:
     def __init__(self, allow: Iterable[str] = ()) -> None:
         self.allow = {host.strip().lower().strip("[]").rstrip(".") for host in allow if host.strip()}
@@ -86,13 +111,17 @@ class AddressGuard:
             raise BlockedAddress("the URL has no host")
         if self.allowed_host(host):
             return
+        canonical = legacy_ipv4(host)
+        if canonical is not None:
+            # Resolvers read these as addresses; they are a classic way past filters that only see names.
+            kind = "a private, loopback or metadata address" if is_blocked_ip(canonical) else "an IP address"
+            raise BlockedAddress(f"{host} is {kind} ({canonical}) in a non-standard form")
         try:
             ipaddress.ip_address(host.split("%")[0])
         except ValueError:
             return  # a name: checked after resolution by GuardedResolver
         if is_blocked_ip(host):
-            raise BlockedAddress(f"{host} is a private, loopback or metadata address; "
-                                 f"an operator can allow it with RELAYBOT_HTTP_ALLOW")
+            raise BlockedAddress(f"{host} is a private, loopback or metadata address; {ALLOW_HINT}")
 
 
 class GuardedResolver(AbstractResolver):
@@ -109,8 +138,7 @@ class GuardedResolver(AbstractResolver):
             return results
         allowed = [result for result in results if not is_blocked_ip(result["host"])]
         if not allowed:
-            raise BlockedAddress(f"{host} resolves to a private, loopback or metadata address; "
-                                 f"an operator can allow it with RELAYBOT_HTTP_ALLOW")
+            raise BlockedAddress(f"{host} resolves to a private, loopback or metadata address; {ALLOW_HINT}")
         return allowed
 
     async def close(self) -> None:
@@ -141,6 +169,11 @@ class HttpResponse:
             return None
 
 
+def _redacted(url: URL) -> str:
+    """The URL without its query string or user info, which may carry credentials."""
+    return str(url.with_query(None).with_user(None).with_fragment(None))
+
+
 class HttpClient:
     """The one way actions reach the network."""
 
@@ -154,7 +187,9 @@ class HttpClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.guard), limit=100, ttl_dns_cache=0)
+            # No DNS cache: every connection resolves (and is checked) afresh, so a name cannot be checked
+            # while it points at a public address and used once it points at a private one.
+            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.guard), limit=100, use_dns_cache=False)
             self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent})
         return self._session
 
@@ -166,38 +201,62 @@ class HttpClient:
                       json_body: Any = None, data: str | bytes | None = None,
                       params: Mapping[str, str] | None = None, timeout: float | None = None,
                       follow_redirects: bool = True) -> HttpResponse:
-        """One request, redirects followed hop by hop through the guard."""
+        """One request, redirects followed hop by hop through the guard, all within one timeout.
+
+        Raises BlockedAddress (the guard refused a hop), ResponseTooLarge, TimeoutError or RequestFailed.
+        """
         method = method.upper()
         target = URL(url)
         body: bytes | None
         send_headers = dict(headers or {})
         if json_body is not None:
             body = json.dumps(json_body).encode()
-            send_headers.setdefault("Content-Type", "application/json")
+            if not any(name.lower() == "content-type" for name in send_headers):
+                send_headers["Content-Type"] = "application/json"
         else:
             body = data.encode() if isinstance(data, str) else data
-        limit = aiohttp.ClientTimeout(total=timeout or self.timeout)
+        seconds = timeout or self.timeout
         session = self._get_session()
-        for _ in range(MAX_REDIRECTS + 1):
-            self.guard.check_url(target)
-            async with asyncio.timeout(timeout or self.timeout):
-                async with session.request(method, target, headers=send_headers, data=body, params=params,
-                                           timeout=limit, allow_redirects=False) as response:
-                    location = response.headers.get("Location")
-                    if follow_redirects and response.status in (301, 302, 303, 307, 308) and location:
-                        target = URL(urljoin(str(response.url), location))
-                        params = None
-                        if response.status in (301, 302, 303) and method not in ("GET", "HEAD"):
-                            method, body = "GET", None
-                            send_headers.pop("Content-Type", None)
-                        continue
-                    payload = await self._read_capped(response)
-                    return HttpResponse(status=response.status,
-                                        headers={k.lower(): v for k, v in response.headers.items()},
-                                        body=payload, url=str(response.url))
+        async with asyncio.timeout(seconds):
+            for _ in range(MAX_REDIRECTS + 1):
+                self.guard.check_url(target)
+                try:
+                    async with session.request(method, target, headers=send_headers, data=body, params=params,
+                                               timeout=aiohttp.ClientTimeout(total=seconds),
+                                               allow_redirects=False) as response:
+                        location = response.headers.get("Location")
+                        if follow_redirects and response.status in (301, 302, 303, 307, 308) and location:
+                            next_target = URL(urljoin(str(response.url), location))
+                            if next_target.origin() != response.url.origin():
+                                send_headers = {name: value for name, value in send_headers.items()
+                                                if name.lower() not in CREDENTIAL_HEADERS}
+                            target, params = next_target, None
+                            if response.status in (301, 302, 303) and method not in ("GET", "HEAD"):
+                                method, body = "GET", None
+                                send_headers = {name: value for name, value in send_headers.items()
+                                                if name.lower() != "content-type"}
+                            continue
+                        payload = await self._read_capped(response)
+                        return HttpResponse(status=response.status,
+                                            headers={k.lower(): v for k, v in response.headers.items()},
+                                            body=payload, url=str(response.url))
+                except TimeoutError:
+                    raise
+                except aiohttp.ClientError as exc:
+                    # aiohttp passes a resolver's own exception through, or wraps it; either way the guard's
+                    # refusal is what the user should read.
+                    if isinstance(exc.__cause__, BlockedAddress):
+                        raise exc.__cause__ from None
+                    if isinstance(exc, aiohttp.InvalidURL):
+                        raise BlockedAddress(f"{exc}") from None
+                    raise RequestFailed(f"{method} {_redacted(target)} failed: {exc}") from None
+                except OSError as exc:
+                    raise RequestFailed(f"{method} {_redacted(target)} failed: {exc}") from None
         raise BlockedAddress(f"more than {MAX_REDIRECTS} redirects")
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        if response.content_length is not None and response.content_length > self.max_response:
+            raise ResponseTooLarge(f"the response is larger than {self.max_response} bytes")
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(65536):

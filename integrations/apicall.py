@@ -1,0 +1,55 @@
+"""One request from an action to a tool's API, through the outbound guard; every failure becomes an
+`ActionFailed` whose message says what went wrong in a line, and whether trying again may help."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from integrations.base import ActionContext, ActionFailed
+from integrations.httpclient import BlockedAddress, HttpResponse, RequestFailed, ResponseTooLarge
+
+# Answers worth another attempt: the server was busy or broken, not the request.
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+async def send(ctx: ActionContext, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+               json_body: Any = None, data: str | bytes | None = None,
+               params: Mapping[str, str] | None = None) -> HttpResponse:
+    """The answer, whatever its status; ActionFailed when there is none.
+
+    A TimeoutError is left to the step runner, which reports the step as timed out (and retries it if asked).
+    """
+    try:
+        return await ctx.http.request(method, url, headers=headers, json_body=json_body, data=data,
+                                      params=params, timeout=ctx.timeout)
+    except BlockedAddress as exc:
+        raise ActionFailed(f"refused: {exc}", retryable=False) from None
+    except ResponseTooLarge as exc:
+        raise ActionFailed(str(exc), retryable=False) from None
+    except RequestFailed as exc:
+        raise ActionFailed(str(exc)) from None
+
+
+def error_detail(response: HttpResponse) -> str:
+    """The most telling part of an error answer, in the shapes the supported APIs use."""
+    data = response.json_or_none()
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):  # PagerDuty: {"error": {"message": …, "errors": […]}}
+            parts = [str(error.get("message") or "")] + [str(item) for item in error.get("errors") or []]
+            return "; ".join(part for part in parts if part)[:300]
+        for key in ("message", "error", "error_description"):  # GitHub, GitLab, Alertmanager
+            if data.get(key):
+                return str(data[key])[:300]
+    return response.text.strip()[:300]
+
+
+async def call_api(ctx: ActionContext, *, service: str, method: str, url: str, path: str,
+                   headers: Mapping[str, str], json_body: Any = None) -> HttpResponse:
+    """A request that must succeed: a 4xx/5xx answer is an ActionFailed naming the service and the call."""
+    response = await send(ctx, method, url, headers=headers, json_body=json_body)
+    if response.status >= 400:
+        raise ActionFailed(f"{service} answered {response.status} to {method} {path}: {error_detail(response)}",
+                           retryable=response.status in RETRYABLE_STATUSES)
+    return response
