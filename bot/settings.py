@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     port: int = Field(default=3000, ge=0, le=65535, validation_alias="PORT")
 
     github_api_url: str = Field(default="https://api.github.com", validation_alias="RELAYBOT_GITHUB_API_URL")
+    gitlab_api_url: str = Field(default="https://gitlab.com/api/v4", validation_alias="RELAYBOT_GITLAB_API_URL")
+    pagerduty_api_url: str = Field(default="https://api.pagerduty.com", validation_alias="RELAYBOT_PAGERDUTY_API_URL")
 
     # Tunables that operators rarely touch; tests shorten them.
     worker_poll_interval: float = Field(default=1.0, gt=0, validation_alias="RELAYBOT_POLL_INTERVAL")
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
 
     def integration_base_urls(self) -> dict[str, str]:
         """API base URLs of the integrations (GitHub Enterprise, self-hosted GitLab …)."""
-        return {"github": self.github_api_url}
+        return {"github": self.github_api_url, "gitlab": self.gitlab_api_url, "pagerduty": self.pagerduty_api_url}
 
     @property
     def oauth_enabled(self) -> bool:
