@@ -57,6 +57,12 @@ def github_headers(secret: str, body: bytes, *, event: str, delivery: str) -> di
             "X-Hub-Signature-256": f"sha256={digest}", "User-Agent": "GitHub-Hookshot/test"}
 
 
+def connection_from(reply: str, integration: str) -> tuple[str, str]:
+    """(URL, secret) of a new connection shown in an `enable` or `connect` reply."""
+    block = reply.split(f"New *{integration}* connection.", 1)[1]
+    return extract(r"URL: `([^`]+)`", block), extract(r"Secret: `([^`]+)`", block)
+
+
 def extract(pattern: str, text: str) -> str:
     match = re.search(pattern, text)
     assert match, f"{pattern!r} not found in {text!r}"

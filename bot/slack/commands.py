@@ -137,7 +137,7 @@ async def create_connection(services: Services, command: Command, integration: s
         existing = (await session.execute(select(Connection).where(
             Connection.team_id == command.team_id, Connection.integration == integration))).scalar_one_or_none()
         if existing is not None:
-            raise _AlreadyConnected(existing)
+            raise _AlreadyConnected(existing.id)
         sealed = await services.keyring.seal(session, team_id=command.team_id, purpose=f"connection:{integration}",
                                              plaintext=secret.encode())
         connection = Connection(id=new_connection_id(), team_id=command.team_id, integration=integration,
@@ -150,8 +150,8 @@ async def create_connection(services: Services, command: Command, integration: s
 
 
 class _AlreadyConnected(Exception):
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
+    def __init__(self, connection_id: str) -> None:
+        self.connection_id = connection_id
 
 
 # -------------------------------------------------------------------------------------------- subcommands
@@ -238,22 +238,22 @@ async def _connection_reply(services: Services, command: Command, integration: s
     try:
         connection, secret = await create_connection(services, command, integration)
     except _AlreadyConnected as existing:
-        connection = existing.connection
-        url = connection_url(services, connection.id)
+        connection_id = existing.connection_id
+        url = connection_url(services, connection_id)
         hint = integration_class().setup_hint(url=url)
         if not rotate:
             return messages.connection_existing(integration=integration, url=url, hint=hint)
         secret = new_webhook_secret()
         async with services.db.write() as session:
-            row = await session.get(Connection, connection.id)
+            row = await session.get(Connection, connection_id)
             assert row is not None
             row.secret_ciphertext = await services.keyring.seal(session, team_id=command.team_id,
                                                                 purpose=f"connection:{integration}",
                                                                 plaintext=secret.encode())
             row.rotated_at = datetime.now(UTC)
             await audit.append(session, team_id=command.team_id, actor=command.actor, action="connection.rotated",
-                               outcome="ok", details={"integration": integration, "connection": connection.id})
-        services.forget_connection(connection.id)
+                               outcome="ok", details={"integration": integration, "connection": connection_id})
+        services.forget_connection(connection_id)
         return messages.connection_rotated(integration=integration, url=url, secret=secret)
     url = connection_url(services, connection.id)
     return messages.connection_created(integration=integration, url=url, secret=secret,

@@ -65,7 +65,8 @@ def thread_run_started(*, run_id: str, kind: str, source: str, delivery: str | N
         origin = f"started by {user(started_by)} with `/relay run`"
     else:
         origin = f"started by a {escape(source)} event `{escape(kind)}`"
-    delivery_text = f", delivery `{escape(delivery)}`" if delivery else ""
+    # Deliveries without an id of the sender's get one of ours ("auto:…"); it says nothing to a reader.
+    delivery_text = f", delivery `{escape(delivery)}`" if delivery and not delivery.startswith("auto:") else ""
     return f":arrow_forward: Run `{run_id}` of *{escape(workflow)}* {origin}{delivery_text}."
 
 

@@ -1,0 +1,125 @@
+"""`/relay` through signed slash commands: the replies a person sees."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from bot.store.models import AuditRecord, Subscription
+from tests.conftest import ALICE, CHANNEL, connection_from, write_workflow
+
+DEPLOY = """
+name: deploy
+title: Deploy
+description: Ship it after approval.
+params:
+  env: {default: staging, choices: [staging, production], description: Target environment}
+  replicas: {default: 2, choices: [1, 2, 3]}
+on: {github: {events: [push]}}
+steps:
+  - id: ship
+    uses: http.request
+    with: {url: "TARGET/ship", method: POST, json: {env: "${{ params.env }}", replicas: "${{ params.replicas }}",
+                                                     who: "${{ event.who }}"}}
+"""
+
+
+async def deploy_bot(make_bot, workflows, target):
+    write_workflow(workflows, "deploy", DEPLOY.replace("TARGET", target.url))
+    return await make_bot()
+
+
+async def test_help_and_unknown_subcommand(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert "`/relay enable <workflow>" in await bot.command("help")
+    assert "`/relay enable <workflow>" in await bot.command("")
+    assert await bot.command("frobnicate") == "I don't know `/relay frobnicate`. Try `/relay help`."
+
+
+async def test_list_marks_what_is_enabled_here(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert ":white_circle: `deploy` — Deploy _(on github, command)_" in await bot.command("list")
+    await bot.command("enable deploy")
+    listing = await bot.command("list")
+    assert ":large_green_circle: `deploy`" in listing and "Ship it after approval." in listing
+    assert ":white_circle: `deploy`" in await bot.command("list", channel="C0OTHER01")
+
+
+async def test_enable_checks_arguments_and_admin(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert (await bot.command("enable nope")).startswith("There is no workflow named `nope`")
+    assert "`oops` is not `key=value`" in await bot.command("enable deploy oops")
+    assert "has no parameter `color`" in await bot.command("enable deploy color=red")
+    assert ("`env=prod` is not allowed for `deploy`: choose one of `staging`, `production`."
+            == await bot.command("enable deploy env=prod"))
+    assert "Which workflow?" in await bot.command("enable")
+    refusal = await bot.command("enable deploy", user=ALICE)
+    assert refusal == "Only workspace admins and owners (or the users in RELAYBOT_ADMINS) can enable workflows."
+    reply = await bot.command('enable deploy env=production replicas=3')
+    assert "`deploy` enabled in this channel with `env=production`, `replicas=3`." in reply
+    url, secret = connection_from(reply, "github")
+    assert url.startswith(bot.url + "/hooks/c_") and secret.startswith("whsec_")
+    again = await bot.command("enable deploy env=staging")
+    assert "`deploy` updated" in again and "connection URL" in again and secret not in again
+    async with bot.services.db.read() as session:
+        subscription = (await session.execute(select(Subscription))).scalar_one()
+        actions = [r.action for r in (await session.execute(select(AuditRecord).order_by(AuditRecord.seq))).scalars()]
+    assert subscription.params == {"env": "staging"} and subscription.channel_id == CHANNEL
+    assert actions == ["subscription.enabled", "connection.created", "subscription.updated"]
+
+
+async def test_extra_admins_from_settings(make_bot, workflows, target):
+    write_workflow(workflows, "deploy", DEPLOY.replace("TARGET", target.url))
+    bot = await make_bot(admins=[ALICE])
+    assert "`deploy` enabled" in await bot.command("enable deploy", user=ALICE)
+
+
+async def test_disable(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert await bot.command("disable deploy") == "`deploy` is not enabled in this channel."
+    await bot.command("enable deploy")
+    assert "is disabled in this channel" in await bot.command("disable deploy")
+    assert ":white_circle: `deploy`" in await bot.command("list")
+
+
+async def test_run_by_hand_uses_arguments_as_the_event(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    await bot.command("enable deploy env=production")
+    reply = await bot.command("run deploy who=alice replicas=1", user=ALICE)
+    assert reply.startswith("Started run `R") and "`deploy`" in reply
+    card = await bot.wait_card()
+    thread = await bot.wait_thread(card, "Run succeeded")
+    assert "started by <@U0ALICE01> with `/relay run`" in thread[0]
+    [request] = target.requests_to("/ship")
+    assert request.json() == {"env": "production", "replicas": 1, "who": "alice"}
+    assert "not allowed" in await bot.command("run deploy replicas=9")
+
+
+async def test_connect_shows_the_secret_once_and_rotates(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert "Only workspace admins" in await bot.command("connect github", user=ALICE)
+    first = await bot.command("connect github")
+    url, secret = connection_from(first, "github")
+    second = await bot.command("connect github")
+    assert url in second and secret not in second
+    rotated = await bot.command("connect github rotate")
+    assert url in rotated and "New secret" in rotated
+    new_secret = rotated.split("connection: `")[1].split("`")[0]
+    assert new_secret != secret
+    assert (await bot.github(url, secret, {"zen": "x"}, event="ping"))[0] == 401
+    assert (await bot.github(url, new_secret, {"zen": "x"}, event="ping"))[0] == 202
+    assert "I don't know the integration `jira`" in await bot.command("connect jira")
+
+
+async def test_runs_and_status(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    assert await bot.command("runs") == "No runs in this channel yet."
+    await bot.command("enable deploy")
+    started = await bot.command("run deploy who=x")
+    run_id = started.split("`")[1]
+    card = await bot.wait_card()
+    await bot.wait_thread(card, "Run succeeded")
+    runs = await bot.command("runs")
+    assert run_id in runs and "succeeded" in runs
+    status = await bot.command(f"status {run_id.lower()}")
+    assert f"*Run `{run_id}`*" in status and "ship — succeeded" in status
+    assert "There is no run `RNOPE`" in await bot.command("status RNOPE")

@@ -1,0 +1,279 @@
+"""Step semantics through the running app: retries, timeouts, conditions, outputs of earlier steps."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+from sqlalchemy import select
+
+from bot.store.models import AuditRecord, Run, Step
+from tests.conftest import CHANNEL, TEAM, block_texts, buttons, write_workflow
+from tests.fakes.http_target import Reply
+
+HOOK = "on: {webhook: {}}\n"
+
+
+async def start(make_bot, workflows, name: str, text: str, **env):
+    write_workflow(workflows, name, text)
+    bot = await make_bot(**env)
+    reply = await bot.command(f"enable {name}")
+    url = reply.split("URL: `")[1].split("`")[0]
+    secret = reply.split("Secret: `")[1].split("`")[0]
+
+    async def fire(payload: dict, delivery: str | None = None) -> int:
+        import json
+
+        headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+        if delivery:
+            headers["X-Request-Id"] = delivery
+        status, _ = await bot.post(url, json.dumps(payload).encode(), headers)
+        return status
+
+    return bot, fire
+
+
+async def run_record(bot):
+    async with bot.services.db.read() as session:
+        run = (await session.execute(select(Run))).scalar_one()
+        steps = list((await session.execute(select(Step).order_by(Step.position))).scalars())
+    return run, steps
+
+
+async def test_failing_step_is_retried_then_fails_the_run(make_bot, workflows, target):
+    target.queue("/flaky", Reply(status=503, body="busy"), Reply(status=503, body="busy"), Reply(status=503, body="busy"))
+    bot, fire = await start(make_bot, workflows, "flaky", f"""
+        name: flaky
+        {HOOK}
+        steps:
+          - id: call
+            uses: http.request
+            retry: {{attempts: 3, backoff: 100ms}}
+            with: {{url: "{target.url}/flaky", method: POST}}
+          - id: after
+            uses: http.request
+            with: {{url: "{target.url}/after"}}
+          - id: report
+            if: steps.call.outcome == "failed"
+            uses: slack.post
+            with: {{text: "call failed: ${{{{ steps.call.error }}}}", thread: true}}
+        """)
+    assert await fire({"summary": "try it"}) == 202
+    card = await bot.wait_card()
+    thread = await bot.wait_thread(card, "Run failed")
+    assert len(target.requests_to("/flaky")) == 3
+    assert target.requests_to("/after") == []
+    retries = [line for line in thread if "Retrying in" in line]
+    assert len(retries) == 2 and "attempt 1 of 3" in retries[0] and "attempt 2 of 3" in retries[1]
+    assert any("*call* failed in" in line and "answered 503" in line for line in thread)
+    assert any("*after* skipped: an earlier step failed" in line for line in thread)
+    assert any("*report* succeeded" in line for line in thread)
+    run, steps = await run_record(bot)
+    assert run.state == "failed"
+    assert [s.state for s in steps] == ["failed", "skipped", "succeeded"]
+    assert steps[0].attempt == 3
+
+
+async def test_retry_that_succeeds(make_bot, workflows, target):
+    target.queue("/flaky", Reply(status=500, body="oops"))
+    bot, fire = await start(make_bot, workflows, "flaky", f"""
+        name: flaky
+        {HOOK}
+        steps:
+          - id: call
+            uses: http.request
+            retry: {{attempts: 2, backoff: 50ms}}
+            with: {{url: "{target.url}/flaky"}}
+        """)
+    await fire({})
+    card = await bot.wait_card()
+    await bot.wait_thread(card, "Run succeeded")
+    run, steps = await run_record(bot)
+    assert steps[0].state == "succeeded" and steps[0].attempt == 2
+    assert steps[0].outputs["status"] == 200 and steps[0].outputs["json"] == {"ok": True}
+
+
+async def test_step_that_runs_too_long_times_out(make_bot, workflows, target):
+    target.queue("/slow", Reply(delay=5))
+    bot, fire = await start(make_bot, workflows, "slow", f"""
+        name: slow
+        {HOOK}
+        steps:
+          - id: call
+            uses: http.request
+            timeout: 300ms
+            with: {{url: "{target.url}/slow"}}
+        """)
+    await fire({})
+    card = await bot.wait_card()
+    thread = await bot.wait_thread(card, "Run failed")
+    assert any("*call* timed out in" in line and "no result within 300 ms" in line for line in thread), thread
+    assert any("*call* started" in line for line in thread), thread
+    run, steps = await run_record(bot)
+    assert steps[0].state == "timed_out" and run.outcome == "failed"
+
+
+async def test_approval_timeout_skips_and_the_run_goes_on(make_bot, workflows, target):
+    bot, fire = await start(make_bot, workflows, "gate", f"""
+        name: gate
+        {HOOK}
+        steps:
+          - id: deploy
+            approval: {{timeout: 500ms}}
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+          - id: after
+            uses: http.request
+            with: {{url: "{target.url}/after"}}
+        """)
+    await fire({})
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+    stale = copy.deepcopy(card)
+    thread = await bot.wait_thread(card, "Run succeeded")
+    assert any("*deploy* timed out after waiting" in line and "the run goes on" in line for line in thread)
+    assert target.requests_to("/deploy") == [] and len(target.requests_to("/after")) == 1
+    await bot.settle()
+    final = bot.slack.message(TEAM, CHANNEL, card.ts)
+    assert buttons(final) == [] and "timed out" in block_texts(final)
+    reply = await bot.click(card, "approve", snapshot=stale)
+    assert reply is not None and "no longer waiting" in reply
+
+
+async def test_approval_timeout_can_fail_the_run(make_bot, workflows, target):
+    bot, fire = await start(make_bot, workflows, "gate", f"""
+        name: gate
+        {HOOK}
+        steps:
+          - id: deploy
+            approval: {{timeout: 300ms, on_timeout: fail}}
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+          - id: after
+            uses: http.request
+            with: {{url: "{target.url}/after"}}
+        """)
+    await fire({})
+    card = await bot.wait_card()
+    thread = await bot.wait_thread(card, "Run failed")
+    assert any("the run fails" in line for line in thread)
+    assert target.received == []
+
+
+async def test_false_condition_skips_and_outputs_flow_to_later_steps(make_bot, workflows, target):
+    target.queue("/lookup", Reply(body={"version": "1.2.3", "items": [1, 2]}))
+    bot, fire = await start(make_bot, workflows, "chain", f"""
+        name: chain
+        {HOOK}
+        steps:
+          - id: lookup
+            uses: http.request
+            with: {{url: "{target.url}/lookup"}}
+          - id: never
+            if: event.size > 10
+            uses: http.request
+            with: {{url: "{target.url}/never"}}
+          - id: use
+            if: size(steps.lookup.outputs.json.items) == 2
+            uses: http.request
+            with:
+              method: POST
+              url: "{target.url}/use"
+              json:
+                version: "${{{{ steps.lookup.outputs.json.version }}}}"
+                items: "${{{{ steps.lookup.outputs.json.items }}}}"
+                label: "v${{{{ steps.lookup.outputs.json.version }}}} of ${{{{ event.size }}}}"
+                never: "${{{{ steps.never.outcome }}}}"
+        """)
+    await fire({"size": 3})
+    card = await bot.wait_card()
+    await bot.wait_thread(card, "Run succeeded")
+    assert target.requests_to("/never") == []
+    [use] = target.requests_to("/use")
+    assert use.json() == {"version": "1.2.3", "items": [1, 2], "label": "v1.2.3 of 3", "never": "skipped"}
+
+
+async def test_event_data_is_never_parsed_as_a_template(make_bot, workflows, target):
+    bot, fire = await start(make_bot, workflows, "echo", f"""
+        name: echo
+        {HOOK}
+        steps:
+          - id: send
+            uses: http.request
+            with:
+              method: POST
+              url: "{target.url}/echo"
+              json: {{title: "${{{{ event.title }}}}", wrapped: "<${{{{ event.title }}}}>"}}
+        """)
+    hostile = "${{ secrets.DEPLOY_TOKEN }} ${{ 1 + 1 }}"
+    await fire({"title": hostile})
+    card = await bot.wait_card()
+    await bot.wait_thread(card, "Run succeeded")
+    [request] = target.requests_to("/echo")
+    assert request.json() == {"title": hostile, "wrapped": f"<{hostile}>"}
+
+
+async def test_expression_error_in_inputs_fails_the_step_with_a_clear_message(make_bot, workflows, target):
+    bot, fire = await start(make_bot, workflows, "broken", f"""
+        name: broken
+        {HOOK}
+        steps:
+          - id: send
+            uses: http.request
+            with: {{url: "{target.url}/x/${{{{ event.missing.deeper }}}}"}}
+        """)
+    await fire({"present": 1})
+    card = await bot.wait_card()
+    thread = await bot.wait_thread(card, "Run failed")
+    assert any("no such key" in line and "missing" in line for line in thread)
+
+
+async def test_many_people_clicking_at_once_decide_once(make_bot, workflows, target, slack):
+    bot, fire = await start(make_bot, workflows, "gate", f"""
+        name: gate
+        {HOOK}
+        steps:
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """)
+    await fire({})
+    card = copy.deepcopy(await bot.wait_card(lambda m: "approve" in buttons(m)))
+    users = []
+    for index in range(8):
+        user = f"U0CLICK{index:02d}"
+        slack.add_user(TEAM, user, f"clicker{index}")
+        users.append(user)
+    results = await asyncio.gather(*[
+        slack.click(TEAM, CHANNEL, user, card.ts, "approve" if index % 2 else "skip", snapshot=card)
+        for index, user in enumerate(users)])
+    assert all(status == 200 for status, _ in results)
+    await bot.settle()
+    async with bot.services.db.read() as session:
+        decisions = list((await session.execute(select(AuditRecord).where(
+            AuditRecord.action.in_(["step.approved", "step.skipped"])))).scalars())
+    assert len(decisions) == 1
+    assert len(target.requests_to("/deploy")) == (1 if decisions[0].action == "step.approved" else 0)
+    refusals = [r for r in slack.responses if "already decided" in str(r.get("text"))]
+    assert len(refusals) == len(users) - 1
+
+
+async def test_retried_slack_request_does_nothing_twice(make_bot, workflows, target, slack):
+    bot, fire = await start(make_bot, workflows, "gate", f"""
+        name: gate
+        {HOOK}
+        steps:
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """)
+    await fire({})
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+    payload_card = copy.deepcopy(card)
+    await slack.click(TEAM, CHANNEL, "U0ALICE01", card.ts, "approve", snapshot=payload_card)
+    await slack.click(TEAM, CHANNEL, "U0ALICE01", card.ts, "approve", snapshot=payload_card,
+                      headers={"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"})
+    await bot.wait_thread(card, "Run succeeded")
+    await bot.settle()
+    assert len(target.requests_to("/deploy")) == 1

@@ -1,0 +1,136 @@
+"""`POST /hooks/<connection>`: verification schemes, refusals, limits, and what is stored."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import func, select
+
+from bot.store.models import Event
+from integrations.base import IncomingWebhook
+from integrations.webhook import Webhook, standard_webhooks_signature
+from tests.conftest import CORPORA, connection_from, github_headers, write_workflow
+
+CATCH_ALL = """
+name: catch
+on: {webhook: {}, github: {}}
+steps: []
+"""
+
+
+async def connected(make_bot, workflows, integration="webhook", **env):
+    write_workflow(workflows, "catch", CATCH_ALL)
+    bot = await make_bot(**env)
+    url, secret = connection_from(await bot.command("enable catch"), integration)
+    return bot, url, secret
+
+
+async def stored_events(bot) -> int:
+    async with bot.services.db.read() as session:
+        return await session.scalar(select(func.count()).select_from(Event))
+
+
+async def test_three_verification_schemes_are_accepted(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows)
+    body = b'{"summary": "hello"}'
+    stamp = str(int(time.time()))
+    signature = standard_webhooks_signature(secret=secret, msg_id="msg_1", timestamp=stamp, body=body)
+    assert (await bot.post(url, body, {"webhook-id": "msg_1", "webhook-timestamp": stamp,
+                                       "webhook-signature": f"v1,bogus {signature}"}))[0] == 202
+    hub = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert (await bot.post(url, body, {"X-Hub-Signature-256": hub, "X-Request-Id": "r2"}))[0] == 202
+    assert (await bot.post(url, body, {"Authorization": f"Bearer {secret}", "X-Request-Id": "r3"}))[0] == 202
+    assert await stored_events(bot) == 3
+
+
+async def test_bad_or_missing_signature_is_401_and_stores_nothing(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows)
+    body = b'{"summary": "hello"}'
+    stamp = str(int(time.time()))
+    old = str(int(time.time()) - 600)
+    cases = [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {secret}"},
+        {"X-Hub-Signature-256": "sha256=" + "0" * 64},
+        {"X-Hub-Signature-256": "sha256=" + hmac.new(b"other", body, hashlib.sha256).hexdigest()},
+        {"webhook-id": "m", "webhook-timestamp": stamp, "webhook-signature": "v1,AAAA"},
+        {"webhook-id": "m", "webhook-timestamp": old,
+         "webhook-signature": standard_webhooks_signature(secret=secret, msg_id="m", timestamp=old, body=body)},
+    ]
+    for headers in cases:
+        status, answer = await bot.post(url, body, headers)
+        assert status == 401, headers
+        assert answer == {"ok": False, "error": "bad or missing signature"}
+    assert await stored_events(bot) == 0
+
+
+async def test_limits_and_malformed_bodies(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows, max_body=1024)
+    auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    status, _ = await bot.post(url, b'{"x": "' + b"a" * 2000 + b'"}', auth)
+    assert status == 413
+    status, answer = await bot.post(url, b'{"x": ', auth)
+    assert status == 400 and "not valid JSON" in answer["error"]
+    status, _ = await bot.post(url.rsplit("/", 1)[0] + "/c_unknown", b"{}", auth)
+    assert status == 404
+    assert await stored_events(bot) == 0
+
+
+async def test_form_bodies_are_accepted(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows)
+    status, _ = await bot.post(url, b"text=deploy&env=prod", {"Authorization": f"Bearer {secret}",
+                                                             "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 202
+    async with bot.services.db.read() as session:
+        event = (await session.execute(select(Event))).scalar_one()
+    assert event.payload == {"text": "deploy", "env": "prod"}
+
+
+async def test_github_signature_and_ping(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows, integration="github")
+    body = (CORPORA / "github/ping/payload.json").read_bytes()
+    status, _ = await bot.post(url, body, github_headers(secret, body, event="ping", delivery="p1"))
+    assert status == 202
+    tampered = body.replace(b"Codertocat", b"Codertocaf", 1)
+    status, _ = await bot.post(url, tampered, github_headers(secret, body, event="ping", delivery="p2"))
+    assert status == 401
+    await bot.settle()
+    assert bot.cards() == []  # a ping starts nothing unless a workflow names it
+
+
+async def test_the_published_github_vector_verifies():
+    vectors = json.loads((CORPORA / "signature-vectors.json").read_text())["github"]
+    from integrations.github import GitHub
+
+    request = IncomingWebhook(body=vectors["body"].encode(), headers={vectors["header"]: vectors["signature"]})
+    assert GitHub().verify(secret=vectors["secret"], request=request, now=time.time())
+    assert not GitHub().verify(secret="", request=request, now=time.time())
+
+
+@settings(max_examples=200, deadline=None)
+@given(secret=st.text(min_size=1, max_size=40), body=st.binary(max_size=200), flip=st.integers(min_value=0))
+def test_standard_webhooks_signature_round_trip_and_any_change_fails(secret, body, flip):
+    stamp = str(int(time.time()))
+    signature = standard_webhooks_signature(secret=secret, msg_id="id", timestamp=stamp, body=body)
+    headers = {"webhook-id": "id", "webhook-timestamp": stamp, "webhook-signature": signature}
+    assert Webhook().verify(secret=secret, request=IncomingWebhook(body=body, headers=headers), now=time.time())
+    if body:
+        index = flip % len(body)
+        changed = body[:index] + bytes([body[index] ^ 1]) + body[index + 1:]
+        assert not Webhook().verify(secret=secret, request=IncomingWebhook(body=changed, headers=headers),
+                                    now=time.time())
+    assert not Webhook().verify(secret="", request=IncomingWebhook(body=body, headers=headers), now=time.time())
+
+
+def test_whsec_secrets_use_their_decoded_key():
+    key = b"0123456789abcdef0123456789abcdef"
+    secret = "whsec_" + base64.b64encode(key).decode()
+    expected = base64.b64encode(hmac.new(key, b"i.1.{}", hashlib.sha256).digest()).decode()
+    assert standard_webhooks_signature(secret=secret, msg_id="i", timestamp="1", body=b"{}") == "v1," + expected
