@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-from integrations.base import ActionContext, ActionFailed
+from pydantic import ValidationError
+
+from integrations.base import ActionContext, ActionFailed, ActionOutput
 from integrations.httpclient import BlockedAddress, HttpResponse, RequestFailed, ResponseTooLarge
+
+OutputT = TypeVar("OutputT", bound=ActionOutput)
 
 # Answers worth another attempt: the server was busy or broken, not the request.
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -53,3 +57,25 @@ async def call_api(ctx: ActionContext, *, service: str, method: str, url: str, p
         raise ActionFailed(f"{service} answered {response.status} to {method} {path}: {error_detail(response)}",
                            retryable=response.status in RETRYABLE_STATUSES)
     return response
+
+
+def json_object(response: HttpResponse, *, service: str, path: str, key: str | None = None) -> dict[str, Any]:
+    """The answer's JSON object (or its `key` member); ActionFailed when the API answered something else."""
+    data = response.json_or_none()
+    if key is not None and isinstance(data, dict):
+        data = data.get(key)
+    if not isinstance(data, dict):
+        what = f"a JSON object with {key!r}" if key else "a JSON object"
+        raise ActionFailed(f"{service} answered {path} without {what}: {response.text[:200]}", retryable=False)
+    return data
+
+
+def output_from(model: type[OutputT], values: dict[str, Any], *, service: str, path: str) -> OutputT:
+    """The action's outputs from values read out of an answer; ActionFailed when the answer lacked them."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise ActionFailed(f"{service} answered {path} without a usable {where}: {error['msg']}",
+                           retryable=False) from None

@@ -78,6 +78,26 @@ def parse_json_body(request: IncomingWebhook) -> Any:
         raise BadPayload(f"the body is not valid JSON: {exc}") from None
 
 
+def dig(data: Any, *path: str | int) -> Any:
+    """`data[path[0]][path[1]]…`, or None where the payload has no such value (payloads are untrusted)."""
+    for key in path:
+        if isinstance(key, int) and isinstance(data, list) and -len(data) <= key < len(data):
+            data = data[key]
+        elif isinstance(key, str) and isinstance(data, dict):
+            data = data.get(key)
+        else:
+            return None
+    return data
+
+
+def text_of(value: Any, *, limit: int = 200) -> str:
+    """A payload value as one short line of text ('' for None, lists, maps)."""
+    if value is None or isinstance(value, dict | list):
+        return ""
+    line = str(value).strip().splitlines()[0] if str(value).strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def hmac_sha256_hex(secret: bytes, message: bytes) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 

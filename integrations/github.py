@@ -6,10 +6,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from integrations.apicall import OutputT, call_api, json_object, output_from
 from integrations.base import (
     Action,
     ActionContext,
-    ActionFailed,
     ActionInput,
     ActionOutput,
     BadPayload,
@@ -17,85 +17,186 @@ from integrations.base import (
     IncomingWebhook,
     Integration,
     ParsedEvent,
+    dig,
     parse_json_body,
+    text_of,
     verify_hub_signature,
 )
+from integrations.httpclient import HttpResponse
 
 API = "https://api.github.com"
 
 
 def _get(data: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
+    return dig(data, *path)
 
 
 def _short(sha: Any) -> str:
     return str(sha)[:7] if sha else ""
 
 
-def summarize(event: str, payload: dict[str, Any]) -> tuple[str, str | None]:
-    """A one-line summary naming the repository, and the most useful link."""
-    repo = _get(payload, "repository", "full_name") or _get(payload, "organization", "login") or "GitHub"
-    action = payload.get("action")
-    sender = _get(payload, "sender", "login") or "someone"
-    link = _get(payload, "repository", "html_url")
+def _ref(ref: Any) -> str:
+    return str(ref or "").removeprefix("refs/heads/").removeprefix("refs/tags/")
 
-    if event == "push":
-        ref = str(payload.get("ref", "")).removeprefix("refs/heads/").removeprefix("refs/tags/")
-        count = len(payload.get("commits") or [])
-        pusher = _get(payload, "pusher", "name") or sender
-        noun = "commit" if count == 1 else "commits"
-        return f"{repo}: {pusher} pushed {count} {noun} to {ref}", payload.get("compare") or link
-    if event == "pull_request":
-        pr = payload.get("pull_request") or {}
-        number = pr.get("number") or payload.get("number")
-        verb = "merged" if action == "closed" and pr.get("merged") else action
-        who = sender if verb != "opened" else _get(pr, "user", "login") or sender
-        return f"{repo} #{number} {verb} by {who}: {pr.get('title', '')}".rstrip(": "), pr.get("html_url") or link
-    if event in ("issues", "issue_comment"):
-        issue = payload.get("issue") or {}
-        what = "comment on" if event == "issue_comment" else ""
-        verb = f"{action} {what}".strip() if what else action
-        return (f"{repo} #{issue.get('number')} {verb} by {sender}: {issue.get('title', '')}",
-                _get(payload, "comment", "html_url") or issue.get("html_url") or link)
-    if event == "release":
-        release = payload.get("release") or {}
-        name = release.get("name") or release.get("tag_name")
-        return f"{repo}: release {name} {action} by {sender}", release.get("html_url") or link
-    if event == "workflow_run":
-        run = payload.get("workflow_run") or {}
-        result = run.get("conclusion") or run.get("status") or action
-        return (f"{repo}: workflow {run.get('name')} on {run.get('head_branch')} {result}",
-                run.get("html_url") or link)
-    if event == "workflow_job":
-        job = payload.get("workflow_job") or {}
-        result = job.get("conclusion") or job.get("status") or action
-        return f"{repo}: job {job.get('name')} ({job.get('workflow_name') or 'workflow'}) {result}", \
-            job.get("html_url") or link
-    if event == "check_run":
-        check = payload.get("check_run") or {}
-        result = check.get("conclusion") or check.get("status") or action
-        return f"{repo}: check {check.get('name')} {result} on {_short(check.get('head_sha'))}", \
-            check.get("html_url") or link
-    if event == "deployment":
-        deployment = payload.get("deployment") or {}
-        return (f"{repo}: deployment of {deployment.get('ref') or _short(deployment.get('sha'))} "
-                f"to {deployment.get('environment')} {action or 'created'} by {sender}",
-                deployment.get("url") and link)
-    if event == "deployment_status":
-        status = payload.get("deployment_status") or {}
-        deployment = payload.get("deployment") or {}
-        return (f"{repo}: deployment to {status.get('environment') or deployment.get('environment')} "
-                f"{status.get('state')}", status.get("target_url") or status.get("log_url") or link)
-    if event == "ping":
-        return f"{repo}: webhook ping ({payload.get('zen', 'hello')})", link
+
+def where(payload: dict[str, Any]) -> str:
+    """The repository, or for organization-wide events the organization (or the installation's account)."""
+    return text_of(_get(payload, "repository", "full_name") or _get(payload, "organization", "login")
+                   or _get(payload, "installation", "account", "login")
+                   or _get(payload, "enterprise", "slug")) or "GitHub"
+
+
+def _push(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    ref = str(p.get("ref") or "")
+    noun = "tag" if ref.startswith("refs/tags/") else "branch"
+    pusher = text_of(_get(p, "pusher", "name")) or sender
+    if p.get("deleted"):
+        return f"{repo}: {pusher} deleted {noun} {_ref(ref)}", link
+    if noun == "tag":
+        return f"{repo}: {pusher} pushed tag {_ref(ref)}", p.get("compare") or link
+    count = len(p.get("commits") or [])
+    commits = "1 commit" if count == 1 else f"{count} commits"
+    forced = " (forced)" if p.get("forced") else ""
+    new = " (new branch)" if p.get("created") else ""
+    return f"{repo}: {pusher} pushed {commits} to {_ref(ref)}{new}{forced}", p.get("compare") or link
+
+
+def _pull_request(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    pr = p.get("pull_request") or {}
+    action = p.get("action")
+    verb = "merged" if action == "closed" and pr.get("merged") else str(action or "changed").replace("_", " ")
+    who = _get(pr, "user", "login") if action == "opened" else sender
+    return f"{repo} #{pr.get('number') or p.get('number')} {verb} by {who or sender}: {text_of(pr.get('title'))}", \
+        pr.get("html_url") or link
+
+
+def _issue(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    issue = p.get("issue") or {}
+    return (f"{repo} #{issue.get('number')} {str(p.get('action') or 'changed').replace('_', ' ')} by {sender}: "
+            f"{text_of(issue.get('title'))}", issue.get("html_url") or link)
+
+
+def _issue_comment(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    issue = p.get("issue") or {}
+    return (f"{repo} #{issue.get('number')}: comment {p.get('action') or 'changed'} by {sender} on "
+            f"{text_of(issue.get('title'))}", _get(p, "comment", "html_url") or issue.get("html_url") or link)
+
+
+def _review(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    pr = p.get("pull_request") or {}
+    state = str(_get(p, "review", "state") or "").replace("_", " ").lower()
+    what = f"review {p.get('action')}" + (f" ({state})" if state and p.get("action") == "submitted" else "")
+    return (f"{repo} #{pr.get('number')}: {what} by {sender} on {text_of(pr.get('title'))}",
+            _get(p, "review", "html_url") or pr.get("html_url") or link)
+
+
+def _review_comment(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    pr = p.get("pull_request") or {}
+    return (f"{repo} #{pr.get('number')}: review comment {p.get('action')} by {sender} on "
+            f"{text_of(pr.get('title'))}", _get(p, "comment", "html_url") or pr.get("html_url") or link)
+
+
+def _release(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    release = p.get("release") or {}
+    name = text_of(release.get("name") or release.get("tag_name"))
+    return f"{repo}: release {name} {p.get('action')} by {sender}", release.get("html_url") or link
+
+
+def _workflow_run(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    run = p.get("workflow_run") or {}
+    name = text_of(run.get("name") or _get(p, "workflow", "name") or run.get("display_title")) or "workflow"
+    result = run.get("conclusion") or run.get("status") or p.get("action")
+    return f"{repo}: workflow {name} on {run.get('head_branch')} {result}", run.get("html_url") or link
+
+
+def _workflow_job(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    job = p.get("workflow_job") or {}
+    result = job.get("conclusion") or job.get("status") or p.get("action")
+    return (f"{repo}: job {text_of(job.get('name'))} ({text_of(job.get('workflow_name')) or 'workflow'}) {result}",
+            job.get("html_url") or link)
+
+
+def _check_run(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    check = p.get("check_run") or {}
+    result = check.get("conclusion") or check.get("status") or p.get("action")
+    return (f"{repo}: check {text_of(check.get('name'))} {result} on {_short(check.get('head_sha'))}",
+            check.get("html_url") or link)
+
+
+def _check_suite(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    suite = p.get("check_suite") or {}
+    result = suite.get("conclusion") or suite.get("status") or p.get("action")
+    app = text_of(_get(suite, "app", "name"))
+    return (f"{repo}: check suite{f' {app}' if app else ''} {result} on "
+            f"{suite.get('head_branch') or _short(suite.get('head_sha'))}", link)
+
+
+def _deployment(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    deployment = p.get("deployment") or {}
+    return (f"{repo}: deployment of {deployment.get('ref') or _short(deployment.get('sha'))} "
+            f"to {deployment.get('environment')} {p.get('action') or 'created'} by {sender}", link)
+
+
+def _deployment_status(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    status = p.get("deployment_status") or {}
+    environment = status.get("environment") or _get(p, "deployment", "environment")
+    return (f"{repo}: deployment to {environment} {status.get('state')}",
+            status.get("target_url") or status.get("log_url") or link)
+
+
+def _status(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    return (f"{repo}: status {text_of(p.get('context'))} {p.get('state')} on {_short(p.get('sha'))}",
+            p.get("target_url") or link)
+
+
+def _alert(repo: str, p: dict[str, Any], sender: str, link: str | None, *, label: str) -> tuple[str, str | None]:
+    alert = p.get("alert") or {}
+    what = text_of(_get(alert, "rule", "description") or _get(alert, "security_advisory", "summary")
+                   or alert.get("secret_type_display_name") or alert.get("secret_type"))
+    action = str(p.get("action") or "changed").replace("_", " ")
+    return (f"{repo}: {label} #{alert.get('number')} {action}" + (f": {what}" if what else ""),
+            alert.get("html_url") or link)
+
+
+def _ping(repo: str, p: dict[str, Any], sender: str, link: str | None) -> tuple[str, str | None]:
+    return f"{repo}: webhook ping ({text_of(p.get('zen')) or 'hello'})", link
+
+
+_SUMMARIES = {
+    "push": _push, "pull_request": _pull_request, "issues": _issue, "issue_comment": _issue_comment,
+    "pull_request_review": _review, "pull_request_review_comment": _review_comment, "release": _release,
+    "workflow_run": _workflow_run, "workflow_job": _workflow_job, "check_run": _check_run,
+    "check_suite": _check_suite, "deployment": _deployment, "deployment_status": _deployment_status,
+    "status": _status, "ping": _ping,
+}
+_ALERTS = {"code_scanning_alert": "code scanning alert", "dependabot_alert": "Dependabot alert",
+           "secret_scanning_alert": "secret scanning alert"}
+# For every other event: the object the event is about, when its payload names it (`label.name` …).
+_SUBJECTS = {"label": ("label", "name"), "milestone": ("milestone", "title"), "team": ("team", "name"),
+             "member": ("member", "login"), "fork": ("forkee", "full_name"), "repository": ("repository", "name"),
+             "workflow_dispatch": ("workflow",)}
+
+
+def summarize(event: str, payload: dict[str, Any]) -> tuple[str, str | None]:
+    """A one-line summary naming the repository (or organization), and the most useful link."""
+    repo = where(payload)
+    sender = text_of(_get(payload, "sender", "login")) or "someone"
+    link = _get(payload, "repository", "html_url") or _get(payload, "organization", "html_url")
+    if event in _SUMMARIES:
+        return _SUMMARIES[event](repo, payload, sender, link)
+    if event in ("create", "delete"):
+        ref_type = text_of(payload.get("ref_type")) or "ref"
+        verb = "created" if event == "create" else "deleted"
+        return f"{repo}: {ref_type} {text_of(payload.get('ref'))} {verb} by {sender}", link
+    if event in _ALERTS:
+        return _alert(repo, payload, sender, link, label=_ALERTS[event])
     # Every other event: a sensible generic title.
-    label = event.replace("_", " ")
-    verb = f" {action}" if action else ""
-    return f"{repo}: {label}{verb} by {sender}", link
+    label = event.replace("_", " ") or "event"
+    action = payload.get("action")
+    verb = f" {str(action).replace('_', ' ')}" if action else ""
+    subject = text_of(_get(payload, *_SUBJECTS[event])) if event in _SUBJECTS else ""
+    named = f" {subject}" if subject and subject not in repo else ""
+    return f"{repo}: {label}{named}{verb} by {sender}", link
 
 
 class GitHub(Integration):
@@ -151,16 +252,16 @@ def _headers(token: str) -> dict[str, str]:
 
 
 async def _call(ctx: ActionContext, method: str, path: str, token: str, body: dict[str, Any] | None
-                ) -> Any:
-    url = ctx.base_url("github", API) + path
-    response = await ctx.http.request(method, url, headers=_headers(token), json_body=body,
-                                      timeout=ctx.timeout)
-    if response.status >= 400:
-        detail = response.json_or_none()
-        message = detail.get("message") if isinstance(detail, dict) else response.text[:200]
-        raise ActionFailed(f"GitHub answered {response.status} to {method} {path}: {message}",
-                           retryable=response.status >= 500 or response.status == 429)
-    return response.json_or_none()
+                ) -> HttpResponse:
+    return await call_api(ctx, service="GitHub", method=method, url=ctx.base_url("github", API) + path,
+                          path=path, headers=_headers(token), json_body=body)
+
+
+def _outputs(model: type[OutputT], response: HttpResponse, path: str, **names: str) -> OutputT:
+    """The outputs `model` declares, read from the answer's JSON (`names` maps an output to another key)."""
+    data = json_object(response, service="GitHub", path=path)
+    values = {field: data.get(names.get(field, field)) for field in model.model_fields}
+    return output_from(model, values, service="GitHub", path=path)
 
 
 class RepoInput(ActionInput):
@@ -185,9 +286,9 @@ class Comment(Action[CommentInput, CommentOutput]):
     Output = CommentOutput
 
     async def run(self, inputs: CommentInput, ctx: ActionContext) -> CommentOutput:
-        data = await _call(ctx, "POST", f"/repos/{inputs.repo}/issues/{inputs.number}/comments", inputs.token,
-                           {"body": inputs.body})
-        return CommentOutput(id=data["id"], url=data.get("html_url", ""))
+        path = f"/repos/{inputs.repo}/issues/{inputs.number}/comments"
+        response = await _call(ctx, "POST", path, inputs.token, {"body": inputs.body})
+        return _outputs(CommentOutput, response, path, url="html_url")
 
 
 class CreateIssueInput(RepoInput):
@@ -214,8 +315,9 @@ class CreateIssue(Action[CreateIssueInput, CreateIssueOutput]):
             body["labels"] = inputs.labels
         if inputs.assignees:
             body["assignees"] = inputs.assignees
-        data = await _call(ctx, "POST", f"/repos/{inputs.repo}/issues", inputs.token, body)
-        return CreateIssueOutput(number=data["number"], url=data.get("html_url", ""))
+        path = f"/repos/{inputs.repo}/issues"
+        response = await _call(ctx, "POST", path, inputs.token, body)
+        return _outputs(CreateIssueOutput, response, path, url="html_url")
 
 
 class CommitStatusInput(RepoInput):
@@ -243,8 +345,14 @@ class CommitStatus(Action[CommitStatusInput, CommitStatusOutput]):
                                 "description": inputs.description[:140]}
         if inputs.target_url:
             body["target_url"] = inputs.target_url
-        data = await _call(ctx, "POST", f"/repos/{inputs.repo}/statuses/{inputs.sha}", inputs.token, body)
-        return CommitStatusOutput(id=data["id"], state=data.get("state", inputs.state))
+        path = f"/repos/{inputs.repo}/statuses/{inputs.sha}"
+        response = await _call(ctx, "POST", path, inputs.token, body)
+        return _outputs(CommitStatusOutput, response, path)
+
+
+def _input_text(value: Any) -> str:
+    """Workflow inputs as the Actions UI sends them: text, with booleans as `true`/`false`."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class DispatchInput(RepoInput):
@@ -265,7 +373,7 @@ class DispatchWorkflow(Action[DispatchInput, DispatchOutput]):
 
     async def run(self, inputs: DispatchInput, ctx: ActionContext) -> DispatchOutput:
         await _call(ctx, "POST", f"/repos/{inputs.repo}/actions/workflows/{inputs.workflow}/dispatches",
-                    inputs.token, {"ref": inputs.ref, "inputs": {k: str(v) for k, v in inputs.inputs.items()}})
+                    inputs.token, {"ref": inputs.ref, "inputs": {k: _input_text(v) for k, v in inputs.inputs.items()}})
         return DispatchOutput(dispatched=True)
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from integrations.alertmanager import Alertmanager
 from integrations.base import Action, Integration
 from integrations.github import GitHub
+from integrations.gitlab import GitLab
 from integrations.http import Request
+from integrations.pagerduty import PagerDuty
 from integrations.slack import Post
 from integrations.webhook import Webhook
 
-INTEGRATIONS: dict[str, type[Integration]] = {cls.name: cls for cls in (Webhook, GitHub)}
+INTEGRATIONS: dict[str, type[Integration]] = {
+    cls.name: cls for cls in (Webhook, GitHub, GitLab, PagerDuty, Alertmanager)
+}
 
 ACTIONS: dict[str, type[Action[Any, Any]]] = {cls.name: cls for cls in (Request, Post)}
 for _integration in INTEGRATIONS.values():
