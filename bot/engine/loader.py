@@ -267,10 +267,12 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
         raw_steps = []
     model = _validate(checker, Workflow, {key: value for key, value in data.items() if key != "steps"}, ())
     valid_steps: list[Step] = []
+    raw_index: list[int] = []  # each valid step's position in the file, for line numbers
     for index, raw_step in enumerate(raw_steps):
         step_model = _validate(checker, Step, raw_step, ("steps", index))
         if step_model is not None:
             valid_steps.append(step_model)
+            raw_index.append(index)
     if model is None:
         raise WorkflowError(checker.sorted())
     try:
@@ -322,7 +324,7 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     steps: list[CompiledStep] = []
     earlier: set[str] = set()
     for index, step in enumerate(model.steps):
-        path: Path_ = ("steps", index)
+        path: Path_ = ("steps", raw_index[index])
         scope = base | {"steps"}
         step_if = (checker.expression((*path, "if"), step.if_, allowed=scope, steps_before=earlier, params=params)
                    if step.if_ else None)

@@ -1,0 +1,131 @@
+"""Durability across a real process being killed (`kill -9`) and another one started on the same database."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from sqlalchemy import select
+
+from bot.store.db import Database
+from bot.store.models import Run, Step
+from tests.conftest import ADMIN, ALICE, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.fakes.http_target import Reply
+from tests.procs import ServeProcess, post_json
+
+
+@pytest.fixture
+def database_url(tmp_path):
+    return f"sqlite+aiosqlite:///{tmp_path / 'relaybot.db'}"
+
+
+async def command(slack, text: str) -> str:
+    before = len(slack.responses)
+    await slack.slash_command(TEAM, CHANNEL, ADMIN, text)
+    await slack.wait_for(lambda: len(slack.responses) > before, timeout=15)
+    return str(slack.responses[before]["text"])
+
+
+def card_with(slack, predicate):
+    return next((m for m in slack.channel_messages(TEAM, CHANNEL) if predicate(m)), None)
+
+
+def thread(slack, card) -> list[str]:
+    return [m.text for m in slack.thread(TEAM, CHANNEL, card.ts)]
+
+
+async def fire(url: str, secret: str, payload: dict, delivery: str) -> int:
+    return await post_json(url, json.dumps(payload).encode(), {"Authorization": f"Bearer {secret}",
+                                                               "Content-Type": "application/json",
+                                                               "X-Request-Id": delivery})
+
+
+async def test_waiting_run_survives_kill_9_and_is_approved_on_the_next_process(
+        slack, workflows, target, tmp_path, database_url):
+    write_workflow(workflows, "gate", f"""
+        name: gate
+        on: webhook
+        steps:
+          - id: before
+            uses: http.request
+            with: {{url: "{target.url}/before", method: POST}}
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """)
+    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                               log=tmp_path / "serve.log").start()
+    try:
+        url, secret = connection_from(await command(slack, "enable gate"), "webhook")
+        assert await fire(url, secret, {"summary": "ship"}, "d-1") == 202
+        card = await slack.wait_for(lambda: card_with(slack, lambda m: "approve" in buttons(m)), timeout=15)
+        stale = copy.deepcopy(card)
+    finally:
+        first.kill()
+
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                                log=tmp_path / "serve.log").start()
+    try:
+        # The same delivery again, now at the new process: still one run.
+        url = second.url + "/hooks/" + url.rsplit("/", 1)[1]
+        assert await fire(url, secret, {"summary": "ship"}, "d-1") == 202
+        await slack.click(TEAM, CHANNEL, ALICE, card.ts, "approve", snapshot=stale)
+        await slack.wait_for(lambda: any("Run succeeded" in text for text in thread(slack, card)), timeout=20)
+    finally:
+        second.stop()
+
+    assert len(target.requests_to("/before")) == 1, "a step that finished before the crash ran again"
+    assert len(target.requests_to("/deploy")) == 1
+    assert len(slack.channel_messages(TEAM, CHANNEL)) == 1
+    lines = thread(slack, card)
+    order = ["Run `", "*before* started", "*before* succeeded", "waiting for approval", "approved by",
+             "*deploy* started", "*deploy* succeeded", "Run succeeded"]
+    positions = [next(i for i, line in enumerate(lines) if needle in line) for needle in order]
+    assert positions == sorted(positions), lines
+
+
+async def test_step_in_flight_when_killed_is_taken_over_after_its_lease(
+        slack, workflows, target, tmp_path, database_url):
+    target.queue("/slow", Reply(delay=6))
+    write_workflow(workflows, "slow", f"""
+        name: slow
+        on: webhook
+        steps:
+          - id: first
+            uses: http.request
+            with: {{url: "{target.url}/first", method: POST}}
+          - id: slow
+            uses: http.request
+            timeout: 60s
+            with: {{url: "{target.url}/slow", method: PUT}}
+        """)
+    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                               log=tmp_path / "serve.log").start()
+    try:
+        url, secret = connection_from(await command(slack, "enable slow"), "webhook")
+        assert await fire(url, secret, {}, "d-2") == 202
+        await slack.wait_for(lambda: target.requests_to("/slow"), timeout=15)
+    finally:
+        first.kill()
+
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                                log=tmp_path / "serve.log").start()
+    try:
+        card = slack.channel_messages(TEAM, CHANNEL)[0]
+        await slack.wait_for(lambda: any("Run succeeded" in text for text in thread(slack, card)), timeout=30)
+    finally:
+        second.stop()
+    assert len(target.requests_to("/first")) == 1
+    assert len(target.requests_to("/slow")) == 2  # at least once: the unfinished attempt is made again
+    db = Database(database_url)
+    try:
+        async with db.read() as session:
+            run = (await session.execute(select(Run))).scalar_one()
+            steps = list((await session.execute(select(Step).order_by(Step.position))).scalars())
+    finally:
+        await db.dispose()
+    assert run.state == "succeeded"
+    assert [(s.step_id, s.state, s.attempt) for s in steps] == [("first", "succeeded", 1), ("slow", "succeeded", 2)]
+    assert any("resumed" in text or "*slow* started" in text for text in thread(slack, card))

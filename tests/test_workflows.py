@@ -1,0 +1,190 @@
+"""The workflow format, CEL expressions, `${{ }}` templates and `relaybot validate`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bot.engine.expressions import compile_expression, compile_template, compile_value, step_references
+from bot.engine.loader import Catalog, compile_workflow
+from bot.engine.workflow import parse_duration
+from bot.errors import ExpressionError, WorkflowError
+from tests.conftest import ROOT
+
+SPEC_EXAMPLE = (ROOT.parent / "shared" / "SPEC.md").read_text().split("```yaml")[1].split("```")[0]
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(WorkflowError) as caught:
+        compile_workflow(textwrap.dedent(text).lstrip(), file="w.yml")
+    return [str(problem) for problem in caught.value.problems]
+
+
+def test_the_spec_example_compiles():
+    workflow = compile_workflow(SPEC_EXAMPLE, file="spec.yml")
+    assert workflow.name == "deploy-on-merge"
+    assert [step.id for step in workflow.steps] == ["deploy", "comment"]
+    assert workflow.steps[0].needs_approval and workflow.steps[0].model.timeout == timedelta(minutes=10)
+    assert workflow.steps[0].model.retry.attempts == 3
+    assert workflow.steps[0].approvers.users == ["U012ABCDEF"] and not workflow.steps[0].approvers.allow_self
+    assert list(workflow.triggers) == ["github"]
+
+
+def test_bare_on_key_is_not_true():
+    workflow = compile_workflow("name: x\non:\n  webhook:\nsteps: []\n", file="x.yml")
+    assert list(workflow.triggers) == ["webhook"]
+    assert list(compile_workflow("on: [webhook, github]\n", file="y.yml", default_name="y").triggers) == [
+        "webhook", "github"]
+
+
+def test_every_problem_is_reported_with_its_line():
+    found = problems("""
+        name: x
+        on:
+          github: {events: [push], bogus: 1}
+          nope: {}
+        if: event.a ==
+        card:
+          title: "${{ steps.zzz.outcome }}"
+        steps:
+          - id: a
+            uses: http.request
+            with: {url: ftp://x, method: POST, extra: 1}
+          - id: b
+            if: steps.c.outcome == "x" && params.nope == 1
+            uses: nope.x
+          - id: c
+            uses: slack.post
+            with: {text: "${{ steps.c.outputs }} ${{ secrets.X }}"}
+            timeout: 10x
+          - id: d
+            uses: slack.post
+            with: {text: "${{ steps.d.outputs.ts }}"}
+    """)
+    text = "\n".join(found)
+    expected = [
+        "w.yml:3: on.github: unknown key 'bogus'",
+        "w.yml:4: unknown trigger 'nope'",
+        "w.yml:5: bad expression: `event.a ==`",
+        "w.yml:7: `steps.zzz.outcome`: unknown step id 'zzz'",
+        "w.yml:11: http.request has no input 'extra'",
+        "w.yml:11: http.request input 'url'",
+        "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown step id 'c'",
+        "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown parameter 'nope'",
+        "w.yml:14: unknown action 'nope.x'",
+        "w.yml:18: steps.2.timeout: '10x' is not a duration",
+        "w.yml:21: `steps.d.outputs.ts`: step 'd' has not run yet here",
+    ]
+    for needle in expected:
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+    lines = [int(problem.split(":")[1]) for problem in found]
+    assert lines == sorted(lines)
+
+
+def test_missing_inputs_and_secrets_outside_inputs():
+    found = "\n".join(problems("""
+        name: x
+        on: webhook
+        card: {title: "${{ secrets.TOKEN }}"}
+        steps:
+          - id: a
+            uses: github.comment
+            with: {repo: acme/api}
+    """))
+    assert "w.yml:3: `secrets.TOKEN`: `secrets` is only available in steps' inputs" in found
+    assert "github.comment needs the input 'number'" in found and "needs the input 'token'" in found
+
+
+def test_yaml_errors_and_shapes():
+    assert problems("name: [unclosed\n")[0].startswith("w.yml:2: not valid YAML")
+    assert problems("- just\n- a list\n") == ["w.yml:1: a workflow is a YAML mapping"]
+    assert "a workflow needs at least one trigger" in problems("name: x\nsteps: []\n")[0]
+    assert "step id 'a' is used twice" in "\n".join(problems("""
+        name: x
+        on: webhook
+        steps:
+          - {id: a, uses: slack.post, with: {text: hi}}
+          - {id: a, uses: slack.post, with: {text: hi}}
+    """))
+
+
+def test_catalog_refuses_duplicate_names(tmp_path: Path):
+    (tmp_path / "a.yml").write_text("name: same\non: webhook\n")
+    (tmp_path / "b.yml").write_text("name: same\non: webhook\n")
+    with pytest.raises(WorkflowError) as caught:
+        Catalog.load([tmp_path])
+    assert "already used by" in str(caught.value)
+
+
+def test_durations():
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert parse_duration("250ms") == timedelta(milliseconds=250)
+    assert parse_duration(45) == timedelta(seconds=45)
+    for bad in ("", "10", "m", "5 minutes", "1h-2m"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_expressions_are_cel_and_reject_unknown_names():
+    assert compile_expression('event.a == "b" && size(event.list) > 1').truthy({"event": {"a": "b", "list": [1, 2]}})
+    with pytest.raises(ExpressionError, match="unknown name os"):
+        compile_expression("os.system('x')")
+    with pytest.raises(ExpressionError):
+        compile_expression("event.a == ")
+    assert compile_expression("event.items.exists(x, x > 2)").truthy({"event": {"items": [1, 3]}})
+    assert step_references('steps.deploy.outcome == "steps.fake" && steps["comment"].outputs.id > 0') == {
+        "deploy", "comment"}
+
+
+def test_templates_keep_types_when_alone_and_stringify_otherwise():
+    context = {"event": {"n": 3, "items": [1, 2], "flag": True, "nothing": None, "map": {"a": 1}}}
+    assert compile_template("${{ event.n }}").render(context) == 3
+    assert compile_template("${{ event.items }}").render(context) == [1, 2]
+    assert compile_template("n=${{ event.n }} f=${{ event.flag }} x=${{ event.nothing }}").render(context) == \
+        "n=3 f=true x="
+    assert compile_template("${{ event.map }}!").render(context) == '{"a":1}!'
+    assert compile_template('${{ "}}" + "x" }}').render(context) == "}}x"
+    with pytest.raises(ExpressionError, match="never closed"):
+        compile_template("${{ event.n ")
+
+
+@given(st.text().filter(lambda text: "${{" not in text))
+def test_text_without_templates_renders_to_itself(text):
+    assert compile_value({"k": [text]}).render({}) == {"k": [text]}
+
+
+@given(st.text(max_size=50))
+def test_values_are_inserted_never_parsed(value):
+    template = compile_template("before ${{ event.v }} after")
+    assert template.render({"event": {"v": value}}) == f"before {value} after"
+    assert compile_template("${{ event.v }}").render({"event": {"v": value}}) == value
+
+
+def run_validate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot", "validate", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_validate_cli_prints_every_problem_and_fails(tmp_path: Path):
+    (tmp_path / "good.yml").write_text("name: good\non: webhook\nsteps:\n  - {id: a, uses: slack.post, with: {text: hi}}\n")
+    (tmp_path / "bad.yml").write_text("name: bad\non: webhook\nsteps:\n  - id: a\n    uses: nope.x\n"
+                                      "  - id: b\n    if: steps.zz.outcome\n    uses: slack.post\n    with: {text: hi}\n")
+    result = run_validate(str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"{tmp_path / 'bad.yml'}:5: unknown action 'nope.x'" in result.stderr
+    assert f"{tmp_path / 'bad.yml'}:7: `steps.zz.outcome`: unknown step id 'zz'" in result.stderr
+    assert "2 problems in 2 files" in result.stderr
+    ok = run_validate(str(tmp_path / "good.yml"), cwd=tmp_path)
+    assert ok.returncode == 0 and "1 workflow OK" in ok.stdout
+
+
+def test_the_example_workflows_are_valid():
+    result = run_validate(str(ROOT / "workflows"), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
