@@ -9,6 +9,7 @@ Slack does: the bot calls its Web API, and it sends the bot signed requests (`sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -23,6 +24,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
 from aiohttp import web
+
+from bot.emulator import senders
+from bot.emulator.connections import ConnectionBook
 
 
 @dataclass
@@ -107,7 +111,7 @@ def sign(signing_secret: str, body: bytes, timestamp: int | None = None) -> dict
 
 
 class SlackEmulator:
-    def __init__(self, *, signing_secret: str = "emulator-signing-secret") -> None:
+    def __init__(self, *, signing_secret: str = "emulator-signing-secret") -> None:  # noqa: S107 (a fake's default)
         self.signing_secret = signing_secret
         self.teams: dict[str, Team] = {}
         self.calls: list[Call] = []
@@ -121,11 +125,19 @@ class SlackEmulator:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.changed = asyncio.Event()
+        # A counter bumped on every change, and the long-polls waiting for the next one (the dev page).
+        self.version = 0
+        self._version_waiters: list[asyncio.Future[int]] = []
+        # trigger_id → (team, user, channel): who a views.open answers, as in Slack.
+        self._triggers: dict[str, tuple[str, str, str | None]] = {}
+        # The tools' side: connection URLs and secrets read from the bot's replies, as a person would.
+        self.connections = ConnectionBook()
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def add_team(self, team_id: str, name: str | None = None, *, bot_token: str | None = None) -> Team:
-        team = Team(id=team_id, name=name or team_id.lower(), bot_token=bot_token or f"xoxb-{team_id}-{secrets.token_hex(6)}",
+        team = Team(id=team_id, name=name or team_id.lower(),
+                    bot_token=bot_token or f"xoxb-{team_id}-{secrets.token_hex(6)}",
                     bot_user_id=f"UB{team_id[1:]}"[:11])
         self.teams[team_id] = team
         return team
@@ -188,10 +200,8 @@ class SlackEmulator:
         args.update(request.query)
         for key in ("blocks", "view", "metadata"):
             if isinstance(args.get(key), str):
-                try:
+                with contextlib.suppress(ValueError):
                     args[key] = json.loads(args[key])
-                except ValueError:
-                    pass
         return args
 
     async def _api(self, request: web.Request) -> web.Response:
@@ -223,8 +233,32 @@ class SlackEmulator:
 
     def _notify(self, method: str, args: dict[str, Any]) -> None:
         self.changed.set()
+        self.version += 1
+        waiters, self._version_waiters = self._version_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(self.version)
         for listener in self.listeners:
             listener(method, args)
+
+    def touch(self, what: str, details: dict[str, Any] | None = None) -> None:
+        """Something outside the Web API changed what a client shows (the dev page's activity log)."""
+        self._notify(what, details or {})
+
+    async def wait_version(self, since: int, timeout: float) -> int:
+        """Return the version once it is past `since`, or the current one after `timeout` (a long-poll)."""
+        if self.version != since:
+            return self.version
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._version_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError:
+            return self.version
+        finally:
+            if waiter in self._version_waiters:
+                self._version_waiters.remove(waiter)
 
     def _next_ts(self) -> str:
         return f"{int(time.time())}.{next(self._ts):06d}"
@@ -273,9 +307,11 @@ class SlackEmulator:
         error = self._channel_error(team, args.get("channel"))
         if error:
             return {"ok": False, "error": error}
+        ts = self._next_ts()
         team.ephemeral.append({"channel": args.get("channel"), "user": args.get("user"), "text": args.get("text"),
-                               "blocks": args.get("blocks")})
-        return {"ok": True, "message_ts": self._next_ts()}
+                               "blocks": args.get("blocks"), "ts": ts})
+        self.connections.learn(team.id, args.get("text"))
+        return {"ok": True, "message_ts": ts}
 
     def _m_chat_getPermalink(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "permalink": f"{self.base_url}/archives/{args.get('channel')}/p{args.get('message_ts')}"}
@@ -315,18 +351,55 @@ class SlackEmulator:
                     for m in reversed(team.messages.get(channel, [])) if not m.thread_ts]
         return {"ok": True, "messages": messages[: int(args.get("limit", 100))]}
 
+    def _new_view(self, team: Team, view: dict[str, Any], *, root_view_id: str | None = None,
+                  previous_view_id: str | None = None, view_id: str | None = None) -> dict[str, Any]:
+        """A view as Slack stores it: ids filled in, every block and input element with a block/action id."""
+        view = json.loads(json.dumps(view))
+        view_id = view_id or "V" + secrets.token_hex(5).upper()
+        for index, block in enumerate(view.get("blocks") or []):
+            block.setdefault("block_id", f"b{index}{secrets.token_hex(2)}")
+            element = block.get("element")
+            if isinstance(element, dict):
+                element.setdefault("action_id", f"a{index}{secrets.token_hex(2)}")
+        view.update({"id": view_id, "team_id": team.id, "app_id": "A0RELAYBOT", "bot_id": "B" + team.bot_user_id[2:],
+                     "hash": f"{int(time.time())}.{secrets.token_hex(4)}", "root_view_id": root_view_id or view_id,
+                     "previous_view_id": previous_view_id, "private_metadata": view.get("private_metadata", ""),
+                     "callback_id": view.get("callback_id", ""), "external_id": view.get("external_id", ""),
+                     "state": {"values": {}}})
+        return view
+
     def _m_views_open(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
-        view = dict(args.get("view") or {})
-        view_id = "V" + secrets.token_hex(5).upper()
-        view["id"] = view_id
-        team.modals[view_id] = {"view": view, "trigger_id": args.get("trigger_id"), "open": True}
+        # Slack would refuse an unknown or expired trigger_id; the fake stays lenient for the tests' sake.
+        trigger = self._triggers.get(args.get("trigger_id") or "")
+        view = self._new_view(team, dict(args.get("view") or {}))
+        team.modals[view["id"]] = {"view": view, "trigger_id": args.get("trigger_id"), "open": True,
+                                   "user": trigger[1] if trigger else None, "errors": {}}
+        return {"ok": True, "view": view}
+
+    def _m_views_push(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        trigger = self._triggers.get(args.get("trigger_id") or "")
+        if trigger is None:
+            return {"ok": False, "error": "invalid_trigger_id"}
+        below = self.open_modal(team.id, trigger[1])
+        view = self._new_view(team, dict(args.get("view") or {}),
+                              root_view_id=below["view"]["root_view_id"] if below else None,
+                              previous_view_id=below["view"]["id"] if below else None)
+        team.modals[view["id"]] = {"view": view, "trigger_id": args.get("trigger_id"), "open": True,
+                                   "user": trigger[1], "errors": {}}
         return {"ok": True, "view": view}
 
     def _m_views_update(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         view_id = args.get("view_id", "")
+        if not view_id and args.get("external_id"):
+            view_id = next((key for key, modal in team.modals.items()
+                            if modal["view"].get("external_id") == args["external_id"]), "")
         if view_id not in team.modals:
             return {"ok": False, "error": "not_found"}
-        team.modals[view_id]["view"] = {**(args.get("view") or {}), "id": view_id}
+        old = team.modals[view_id]["view"]
+        team.modals[view_id]["view"] = self._new_view(team, dict(args.get("view") or {}), view_id=view_id,
+                                                      root_view_id=old.get("root_view_id"),
+                                                      previous_view_id=old.get("previous_view_id"))
+        team.modals[view_id]["errors"] = {}
         return {"ok": True, "view": team.modals[view_id]["view"]}
 
     def _m_views_publish(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
@@ -359,7 +432,8 @@ class SlackEmulator:
                                                   blocks=payload.get("blocks"), thread_ts=None, user=team.bot_user_id))
         else:
             team.ephemeral.append({"channel": channel, "user": user, "text": payload.get("text"),
-                                   "blocks": payload.get("blocks")})
+                                   "blocks": payload.get("blocks"), "ts": self._next_ts()})
+        self.connections.learn(team_id, payload.get("text"))
         self._notify("response_url", record)
         return web.Response(text="ok")
 
@@ -409,6 +483,11 @@ class SlackEmulator:
         self._response_urls[response_id] = (team_id, channel, user)
         return f"{self.base_url}/response/{response_id}"
 
+    def _new_trigger_id(self, team_id: str, user: str, channel: str | None) -> str:
+        trigger_id = f"{int(time.time())}.{secrets.randbelow(10**9)}.{secrets.token_hex(16)}"
+        self._triggers[trigger_id] = (team_id, user, channel)
+        return trigger_id
+
     async def send_to_bot(self, body: bytes, content_type: str, *, headers: dict[str, str] | None = None,
                           signing_secret: str | None = None, timestamp: int | None = None) -> tuple[int, str]:
         assert self.bot_url, "set emulator.bot_url to the bot's base URL first"
@@ -427,7 +506,7 @@ class SlackEmulator:
             "user_id": user, "user_name": person.name if person else user, "command": command, "text": text,
             "api_app_id": "A0RELAYBOT", "is_enterprise_install": "false",
             "response_url": self._new_response_url(team_id, channel, user),
-            "trigger_id": f"{int(time.time())}.{secrets.randbelow(10**9)}.{secrets.token_hex(16)}",
+            "trigger_id": self._new_trigger_id(team_id, user, channel),
         }
         return await self.send_to_bot(urlencode(form).encode(), "application/x-www-form-urlencoded", **send)
 
@@ -449,7 +528,7 @@ class SlackEmulator:
                         "api_app_id": "A0RELAYBOT", "token": "legacy-verification-token",
                         "container": {"type": "message", "message_ts": message_ts, "channel_id": channel,
                                       "is_ephemeral": False},
-                        "trigger_id": f"{int(time.time())}.{secrets.randbelow(10**9)}.{secrets.token_hex(16)}",
+                        "trigger_id": self._new_trigger_id(team_id, user, channel),
                         "channel": {"id": channel, "name": team.channels.get(channel, {}).get("name", channel)},
                         "message": message.to_api(),
                         "response_url": self._new_response_url(team_id, channel, user),
@@ -470,3 +549,168 @@ class SlackEmulator:
                            "event": event, "type": "event_callback", "event_id": "Ev" + secrets.token_hex(5).upper(),
                            "event_time": int(time.time())}).encode()
         return await self.send_to_bot(body, "application/json", **send)
+
+    # ------------------------------------------------------------------------------------------ views (modals, Home)
+
+    def open_modal(self, team_id: str, user: str) -> dict[str, Any] | None:
+        """The modal on top of the user's stack, if one is open."""
+        opened = [modal for modal in self.teams[team_id].modals.values() if modal["open"] and modal.get("user") == user]
+        return opened[-1] if opened else None
+
+    def _user_data(self, team: Team, user: str) -> dict[str, Any]:
+        person = team.users.get(user)
+        name = person.name if person else user
+        return {"id": user, "username": name, "name": name, "team_id": team.id}
+
+    @staticmethod
+    def _state_values(view: dict[str, Any], values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """What the user entered, in Slack's `view.state.values` shape for each input element's type."""
+        state: dict[str, Any] = {}
+        for block in view.get("blocks") or []:
+            element = block.get("element")
+            if block.get("type") != "input" or not isinstance(element, dict):
+                continue
+            block_id, action_id, kind = block["block_id"], element["action_id"], element.get("type")
+            raw = (values.get(block_id) or {}).get(action_id)
+            entry: dict[str, Any] = {"type": kind}
+            if kind in ("static_select", "radio_buttons"):
+                options = {option.get("value"): option for option in element.get("options") or []}
+                entry["selected_option"] = options.get(raw) if raw else None
+            elif kind in ("checkboxes", "multi_static_select"):
+                options = {option.get("value"): option for option in element.get("options") or []}
+                chosen = raw if isinstance(raw, list) else ([raw] if raw else [])
+                entry["selected_options"] = [options[value] for value in chosen if value in options]
+            elif kind == "users_select":
+                entry["selected_user"] = raw or None
+            elif kind == "conversations_select":
+                entry["selected_conversation"] = raw or None
+            elif kind == "channels_select":
+                entry["selected_channel"] = raw or None
+            else:  # plain_text_input, number_input, email_text_input, url_text_input …
+                entry["value"] = raw if raw not in ("", None) else None
+            state.setdefault(block_id, {})[action_id] = entry
+        return state
+
+    async def submit_view(self, team_id: str, user: str, view_id: str,
+                          values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Press the modal's submit button: send Slack's signed `view_submission` and apply the bot's answer."""
+        team = self.teams[team_id]
+        modal = team.modals.get(view_id)
+        if modal is None or not modal["open"]:
+            raise KeyError(f"no open view {view_id}")
+        view = json.loads(json.dumps(modal["view"]))
+        view["state"] = {"values": self._state_values(view, values)}
+        payload = {"type": "view_submission", "team": {"id": team_id, "domain": team.name},
+                   "user": self._user_data(team, user), "api_app_id": "A0RELAYBOT",
+                   "token": "legacy-verification-token", "trigger_id": self._new_trigger_id(team_id, user, None),
+                   "view": view, "response_urls": [], "is_enterprise_install": False, "enterprise": None}
+        status, text = await self.send_to_bot(urlencode({"payload": json.dumps(payload)}).encode(),
+                                              "application/x-www-form-urlencoded")
+        answer: dict[str, Any] = {}
+        if text.strip().startswith("{"):
+            answer = json.loads(text)
+        action = answer.get("response_action")
+        if status != 200:
+            modal["errors"] = {"": f"the app answered HTTP {status}"}
+        elif action == "errors":
+            modal["errors"] = dict(answer.get("errors") or {})
+        elif action == "update":
+            modal["view"] = self._new_view(team, answer.get("view") or {}, view_id=view_id,
+                                           root_view_id=view.get("root_view_id"),
+                                           previous_view_id=view.get("previous_view_id"))
+            modal["errors"] = {}
+        elif action == "push":
+            pushed = self._new_view(team, answer.get("view") or {}, root_view_id=view.get("root_view_id"),
+                                    previous_view_id=view_id)
+            team.modals[pushed["id"]] = {"view": pushed, "trigger_id": None, "open": True, "user": user, "errors": {}}
+        elif action == "clear":
+            for other in team.modals.values():
+                if other.get("user") == user:
+                    other["open"] = False
+        else:
+            modal["open"] = False
+        self._notify("view_submission", {"view_id": view_id, "status": status, "response_action": action})
+        return {"status": status, "response_action": action, "errors": modal.get("errors") or {}}
+
+    async def close_view(self, team_id: str, user: str, view_id: str) -> int | None:
+        """Press Cancel: the modal closes; Slack tells the app only when the view asked (`notify_on_close`)."""
+        team = self.teams[team_id]
+        modal = team.modals.get(view_id)
+        if modal is None or not modal["open"]:
+            return None
+        modal["open"] = False
+        self._notify("view_closed", {"view_id": view_id})
+        if not modal["view"].get("notify_on_close"):
+            return None
+        payload = {"type": "view_closed", "team": {"id": team_id, "domain": team.name},
+                   "user": self._user_data(team, user), "api_app_id": "A0RELAYBOT",
+                   "token": "legacy-verification-token", "view": modal["view"], "is_cleared": False}
+        status, _ = await self.send_to_bot(urlencode({"payload": json.dumps(payload)}).encode(),
+                                           "application/x-www-form-urlencoded")
+        return status
+
+    async def click_in_view(self, team_id: str, user: str, view: dict[str, Any], action_id: str,
+                            block_id: str | None = None) -> tuple[int, str]:
+        """A button in a modal or on the Home tab: `block_actions` with a `view` container."""
+        team = self.teams[team_id]
+        for block in view.get("blocks") or []:
+            elements = block.get("elements", []) if block.get("type") == "actions" else []
+            if block.get("accessory"):
+                elements = [*elements, block["accessory"]]
+            for element in elements:
+                if element.get("action_id") != action_id or (block_id and block.get("block_id") != block_id):
+                    continue
+                payload = {
+                    "type": "block_actions", "team": {"id": team_id, "domain": team.name},
+                    "user": self._user_data(team, user), "api_app_id": "A0RELAYBOT",
+                    "token": "legacy-verification-token",
+                    "container": {"type": "view", "view_id": view.get("id")},
+                    "trigger_id": self._new_trigger_id(team_id, user, None), "view": view,
+                    "actions": [{"type": element.get("type", "button"), "action_id": action_id,
+                                 "block_id": block.get("block_id"), "text": element.get("text"),
+                                 "value": element.get("value"), "action_ts": f"{time.time():.6f}"}],
+                }
+                return await self.send_to_bot(urlencode({"payload": json.dumps(payload)}).encode(),
+                                              "application/x-www-form-urlencoded")
+        raise KeyError(f"the view has no button {action_id!r}")
+
+    async def open_home(self, team_id: str, user: str) -> tuple[int, str]:
+        """The user opens the app's Home tab: Slack sends `app_home_opened`."""
+        event = {"type": "app_home_opened", "user": user, "channel": "D" + user[1:], "tab": "home",
+                 "event_ts": f"{time.time():.6f}"}
+        if user in self.teams[team_id].home_views:
+            event["view"] = self.teams[team_id].home_views[user]
+        return await self.send_event(team_id, event)
+
+    # ------------------------------------------------------------------------------------------ people typing
+
+    def post_user_message(self, team_id: str, channel: str, user: str, text: str) -> Message:
+        """A person writes in a channel (not a command): it is only shown; relaybot does not read messages."""
+        message = Message(ts=self._next_ts(), channel=channel, text=text, blocks=None, thread_ts=None, user=user)
+        self.teams[team_id].messages[channel].append(message)
+        self._notify("message", {"channel": channel, "user": user})
+        return message
+
+    # ------------------------------------------------------------------------------------------ the tools
+
+    async def deliver_webhook(self, team_id: str, integration: str, body: bytes, *, event: str | None = None
+                              ) -> tuple[int, str, dict[str, str]]:
+        """POST `body` to the workspace's connection for `integration`, signed as that tool signs.
+
+        Returns (HTTP status, response text, the headers sent); raises LookupError when the emulator has not
+        seen the connection's URL and secret in a reply yet.
+        """
+        assert self.bot_url, "set emulator.bot_url to the bot's base URL first"
+        known = self.connections.get(team_id, integration)
+        if known is None:
+            raise LookupError(f"no {integration} connection seen yet: run `/relay connect {integration}`")
+        if not known.secret:
+            raise LookupError(f"the secret of the {integration} connection was not shown to the emulator: "
+                              f"run `/relay connect {integration} rotate`")
+        delivery = senders.sign(integration, body=body, secret=known.secret, event=event)
+        # The connection id is what counts; the host of the URL shown may be another port from an earlier start.
+        async with self._http().post(f"{self.bot_url}/hooks/{known.connection_id}", data=delivery.body,
+                                     headers=delivery.headers) as response:
+            text = await response.text()
+        self._notify("webhook", {"integration": integration, "status": response.status})
+        return response.status, text, delivery.headers
