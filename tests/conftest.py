@@ -179,6 +179,19 @@ class Bot:
             return None
         return str(self.slack.responses[before]["text"])
 
+    async def set_secret(self, name: str, value: str, *, team: str = TEAM) -> None:
+        """Store a secret as `/relay secret set` does (sealed for the workspace and the name)."""
+        from datetime import UTC, datetime
+
+        from bot.store.models import Secret
+
+        assert self.services is not None
+        async with self.services.db.write() as session:
+            sealed = await self.services.keyring.seal(session, team_id=team, purpose=f"secret:{name}",
+                                                      plaintext=value.encode())
+            await session.merge(Secret(team_id=team, name=name, ciphertext=sealed, set_by=ADMIN, set_by_name="ada",
+                                       set_at=datetime.now(UTC)))
+
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait until the engine and the outbox have nothing left to do."""
         assert self.services is not None

@@ -65,6 +65,7 @@ def test_every_problem_is_reported_with_its_line():
             with: {text: "${{ steps.c.outputs }} ${{ secrets.X }}"}
             timeout: 10x
           - id: d
+            if: steps.d.outcome == "succeeded"
             uses: slack.post
             with: {text: "${{ steps.d.outputs.ts }}"}
     """)
@@ -80,7 +81,7 @@ def test_every_problem_is_reported_with_its_line():
         "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown parameter 'nope'",
         "w.yml:14: unknown action 'nope.x'",
         "w.yml:18: steps.2.timeout: '10x' is not a duration",
-        "w.yml:21: `steps.d.outputs.ts`: step 'd' has not run yet here",
+        "w.yml:20: `steps.d.outcome == \"succeeded\"`: step 'd' has not run yet here",
     ]
     for needle in expected:
         assert needle in text, f"{needle!r} missing from:\n{text}"

@@ -12,12 +12,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import functools
+from collections.abc import Callable
+
 import cel
+import cel.stdlib
 
 from bot.errors import ExpressionError
 
 OPEN, CLOSE = "${{", "}}"
 CONTEXT_NAMES = frozenset({"event", "trigger", "params", "secrets", "steps", "run"})
+# cel-go's extension libraries (strings, math, lists, sets, encoders): `"abc".substring(0, 2)`, `math.greatest(…)`.
+STDLIB_NAMESPACES = frozenset({"math", "sets", "base64", "lists", "strings"})
+
+
+@functools.cache
+def _functions() -> dict[str, Callable[..., Any]]:
+    context = cel.Context()
+    cel.stdlib.add_stdlib_to_context(context)
+    return context.functions
 
 
 def _first_line(text: str) -> str:
@@ -39,7 +52,7 @@ class Expression:
 
     def evaluate(self, context: dict[str, Any]) -> Any:
         try:
-            return self.program.execute(context)
+            return self.program.execute(cel.Context(variables=context, functions=_functions()))
         except KeyError as exc:
             raise ExpressionError(f"`{self.source}`: no such key {exc}") from None
         except Exception as exc:  # CEL raises ValueError, TypeError, ZeroDivisionError, RuntimeError...
@@ -66,7 +79,7 @@ def compile_expression(source: str) -> Expression:
         program = cel.compile(source)
     except Exception as exc:
         raise ExpressionError(f"`{source}`: {_cel_message(exc)}") from None
-    unknown = set(program.variables()) - CONTEXT_NAMES - _bound_names(source)
+    unknown = set(program.variables()) - CONTEXT_NAMES - STDLIB_NAMESPACES - _bound_names(source)
     if unknown:
         names = ", ".join(sorted(unknown))
         raise ExpressionError(f"`{source}`: unknown name {names} (use event, trigger, params, secrets, steps or "

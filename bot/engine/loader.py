@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from bot.engine.expressions import (
+    STDLIB_NAMESPACES,
     CompiledValue,
     Expression,
     Template,
@@ -181,8 +182,8 @@ class _Checker:
 
     def _references(self, path: Path_, expression: Expression, *, allowed: set[str], steps_before: set[str],
                     params: set[str]) -> None:
-        for name in sorted(expression.references() - allowed - {"event", "trigger", "run", "params", "steps",
-                                                                  "secrets"}):
+        for name in sorted(expression.references() - allowed - STDLIB_NAMESPACES
+                           - {"event", "trigger", "run", "params", "steps", "secrets"}):
             self.problem(path, f"`{expression.source}`: unknown name {name}")
         for name in sorted(expression.references() & {"steps", "secrets"} - allowed):
             where = "steps' inputs (`with:`)" if name == "secrets" else "steps and the card"
@@ -329,8 +330,9 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
         step_if = (checker.expression((*path, "if"), step.if_, allowed=scope, steps_before=earlier, params=params)
                    if step.if_ else None)
         title = checker.template((*path, "title"), step.title, allowed=scope, steps_before=earlier, params=params)
-        inputs = checker.value((*path, "with"), step.with_, allowed=scope | {"secrets"}, steps_before=earlier,
-                               params=params)
+        # Inputs are rendered after the step's own approval, so they may name it (`steps.<self>.approved_by`).
+        inputs = checker.value((*path, "with"), step.with_, allowed=scope | {"secrets"},
+                               steps_before=earlier | {step.id}, params=params)
         if step.uses not in ACTIONS:
             checker.problem((*path, "uses"), f"unknown action {step.uses!r} (known: {', '.join(sorted(ACTIONS))})")
         else:

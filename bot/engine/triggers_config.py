@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from integrations.registry import INTEGRATIONS
+
+
+class CommandTrigger(BaseModel):
+    """`on: command`: started only by hand with `/relay run` (which any workflow also allows)."""
+
+    model_config = ConfigDict(extra="forbid")
+
 
 TRIGGER_CONFIGS: dict[str, type[BaseModel]] = {
     name: cls.trigger_config for name, cls in INTEGRATIONS.items() if cls.receives_webhooks
 }
+TRIGGER_CONFIGS["command"] = CommandTrigger

@@ -21,6 +21,7 @@ from bot.errors import NotAllowed, NotFound, UserError
 from bot.ids import new_connection_id, new_webhook_secret, normalize_run_id
 from bot.services import Services
 from bot.slack import messages
+from bot.slack import secrets as secret_commands
 from bot.store.inbox import NewEvent
 from bot.store.models import Connection, Run, Step, Subscription, Workspace
 from integrations.registry import INTEGRATIONS
@@ -168,7 +169,7 @@ async def cmd_list(services: Services, command: Command, words: list[str]) -> st
         enabled = set((await session.execute(select(Subscription.workflow).where(
             Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id))).scalars())
     lines = [messages.catalog_line(name=workflow.name, title=workflow.title, description=workflow.model.description,
-                                   triggers=[*workflow.triggers, "command"], enabled_here=workflow.name in enabled)
+                                   triggers=list(dict.fromkeys([*workflow.triggers, "command"])), enabled_here=workflow.name in enabled)
              for workflow in services.catalog]
     return "\n".join([*lines, "", messages.LIST_FOOTER.format(command=command.name)])
 
@@ -271,8 +272,10 @@ async def cmd_connect(services: Services, command: Command, words: list[str]) ->
                                                            known=", ".join(webhook_integrations)))
     await require_admin(services, command, "manage connections")
     option = words[1].lower() if len(words) > 1 else None
+    if option == "set-secret":
+        return await secret_commands.open_connection_secret_form(services, command, name, words[2:])
     if option not in (None, "rotate"):
-        raise UserError(f"`{command.name} connect {name}` takes nothing more, or `rotate`.")
+        raise UserError(f"`{command.name} connect {name}` takes nothing more, `rotate` or `set-secret`.")
     return await _connection_reply(services, command, name, rotate=option == "rotate")
 
 
@@ -318,6 +321,7 @@ async def cmd_status(services: Services, command: Command, words: list[str]) -> 
 SUBCOMMANDS: dict[str, Handler] = {
     "help": cmd_help, "list": cmd_list, "enable": cmd_enable, "disable": cmd_disable, "run": cmd_run,
     "connect": cmd_connect, "runs": cmd_runs, "status": cmd_status,
+    "secret": secret_commands.cmd_secret,
 }
 
 
