@@ -17,7 +17,7 @@ from slack_bolt.context.respond.async_respond import AsyncRespond
 
 from bot.errors import UserError, reference_id
 from bot.services import Services
-from bot.slack import actions, commands, messages
+from bot.slack import actions, commands, messages, secrets
 from bot.slack.blocks import APPROVE_ACTION, SKIP_ACTION
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ async def guarded(respond: AsyncRespond | None, work: Callable[[], Awaitable[str
 
 
 # Modules that add listeners of their own (modals, App Home, events) register here: `register(app, services)`.
-EXTENSIONS: tuple[Callable[[AsyncApp, Services], None], ...] = ()
+EXTENSIONS: tuple[Callable[[AsyncApp, Services], None], ...] = (secrets.register,)
 
 
 def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[AuthorizeResult]] | None = None

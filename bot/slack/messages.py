@@ -241,3 +241,76 @@ EMPTY_CATALOG = "There are no workflows in the catalog yet (add YAML files to th
 LIST_FOOTER = ":large_green_circle: enabled in this channel — `{command} enable <workflow>` to enable one."
 
 UNEXPECTED = "Something went wrong on relaybot's side (reference `{ref}`); an operator can find it in the log."
+
+
+# ============================================================================================ secrets
+# `/relay secret …`, `/relay connect <integration> set-secret`, and `relaybot secrets …`. No text here ever
+# contains a secret's value: only its name.
+
+SECRET_USAGE = ("`{command} secret set <NAME>` opens a form to store a secret · `{command} secret list` · "
+                "`{command} secret delete <NAME>` (admins). Workflows use a secret as `${{{{ secrets.NAME }}}}`.")
+SECRET_BAD_NAME = ("`{name}` cannot be a secret's name: use letters, digits and `_`, not starting with a digit, "
+                   "at most {limit} characters (e.g. `DEPLOY_TOKEN`).")
+SECRET_NEED_NAME = "Which secret? `{command} secret {sub} <NAME>`."
+SECRET_NOT_FOUND = "There is no secret `{name}` in this workspace. `{command} secret list` shows them."
+SECRET_DELETED = (":wastebasket: Secret `{name}` deleted. Workflows that use it will fail at that step until it "
+                  "is set again.")
+SECRET_NONE = "This workspace has no secrets yet. `{command} secret set <NAME>` stores one."
+SECRET_NO_TRIGGER = "Slack did not send what is needed to open a form; type the command again."
+SECRET_FORM_FAILED = "Slack did not open the form ({error}); type the command again."
+SECRET_MANAGE = "manage secrets"
+SECRET_SUBMIT_NOT_ADMIN = "Only workspace admins and owners (or the users in RELAYBOT_ADMINS) can store secrets."
+
+SECRET_FORM_TITLE = "Set a secret"
+CONNECTION_FORM_TITLE = "Connection secret"
+FORM_SUBMIT = "Save"
+FORM_CLOSE = "Cancel"
+SECRET_FORM_INTRO = ("Stored encrypted for this workspace and never shown again, not even to admins. "
+                     "Workflows use it as `${{ secrets.NAME }}`; it is masked as `***` wherever it would appear.")
+SECRET_NAME_LABEL = "Name"
+SECRET_NAME_HINT = "Letters, digits and _, not starting with a digit. Setting an existing name replaces its value."
+SECRET_VALUE_LABEL = "Value"
+SECRET_VALUE_HINT = ("Pasted as is, line breaks included. Longer than Slack's 3,000 characters (a large key "
+                     "file)? Use relaybot secrets set on the server.")
+CONNECTION_FORM_INTRO = ("The signing secret that *{integration}* generated for relaybot's webhook URL "
+                         "(for PagerDuty: the secret shown when you add the webhook subscription). "
+                         "relaybot verifies every {integration} webhook with it from now on.")
+CONNECTION_VALUE_LABEL = "Signing secret"
+CONNECTION_VALUE_HINT = "Stored encrypted and never shown again. The previous secret stops working."
+
+SECRET_VALUE_EMPTY = "Enter a value: a secret cannot be empty."
+SECRET_VALUE_TOO_LARGE = "This value is {size:,} bytes; a secret can be at most {limit:,} bytes (64 KiB)."
+SECRET_VALUE_NOT_TEXT = "A secret must be text (UTF-8)."
+
+
+def secret_stored(*, name: str, replaced: bool, maskable: bool) -> str:
+    verb = "replaced" if replaced else "stored"
+    text = (f":lock: Secret `{name}` {verb} (encrypted; the value is not shown again). "
+            f"Workflows use it as `${{{{ secrets.{name} }}}}`.")
+    if not maskable:
+        text += " _It is shorter than 4 characters, so relaybot cannot mask it where a tool echoes it._"
+    return text
+
+
+def secret_line(*, name: str, set_by: str, set_by_name: str | None, set_at: Any) -> str:
+    when = f"<!date^{int(set_at.timestamp())}^{{date_short_pretty}} {{time}}|{set_at:%Y-%m-%d %H:%M} UTC>"
+    return f"• `{name}` — set by {user(set_by, set_by_name)} {when}"
+
+
+def secret_list(lines: list[str]) -> str:
+    return "*Secrets of this workspace* (values are never shown)\n" + "\n".join(lines)
+
+
+def connection_secret_stored(*, integration: str, url: str, created: bool) -> str:
+    first = "This is a new connection: give" if created else "Give"
+    return (f":lock: Signing secret stored for the *{escape(integration)}* connection; webhooks are verified "
+            f"with it from now on.\n{first} {escape(integration)} this URL if it does not have it yet: `{url}`")
+
+
+SECRET_STORE_FAILED = ("relaybot could not store the secret (reference `{ref}`); nothing was changed. "
+                       "An operator can find the reference in the log.")
+SECRET_VALUE_IN_COMMAND = ("Type only the name: `{command} secret set <NAME>` opens a form for the value, so it "
+                           "never passes through a command or a channel. Nothing was stored. If what you typed "
+                           "after the name was the real value, treat it as exposed and replace it at its source.")
+CONNECTION_SET_SECRET_EXTRA = ("`{command} connect {name} set-secret` takes nothing more: it opens a form for the "
+                               "secret.")
