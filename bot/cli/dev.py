@@ -102,12 +102,26 @@ def load_catalog(settings: Settings) -> Any:
     return Catalog.load([settings.workflows_dir])
 
 
-async def serve(args: argparse.Namespace, settings: Settings, catalog: Any) -> int:
+@dataclass
+class DevServer:
+    """A running `relaybot dev`: the page, the emulated Slack and the bot at `url`."""
+
+    url: str
+    emulator: Any  # SlackEmulator
+    sandbox: Any  # Sandbox
+    archive: Any  # EmulatorArchive
+
+    async def stop(self) -> None:
+        await self.archive.close(self.emulator)
+        await self.sandbox.stop()
+
+
+async def start(settings: Settings, catalog: Any, *, directory: Path, host: str = "127.0.0.1",
+                port: int = 0) -> DevServer:
     from bot.emulator.persist import EmulatorArchive
     from bot.emulator.sandbox import Sandbox
     from bot.emulator.web import DevPage
 
-    directory: Path = args.dir
     signing_secret = secrets.token_hex(16)
     bot_token = f"xoxb-dev-{secrets.token_hex(12)}"
     emulator = build_emulator(bot_token, signing_secret)
@@ -117,28 +131,32 @@ async def serve(args: argparse.Namespace, settings: Settings, catalog: Any) -> i
     sandbox = Sandbox(emulator=emulator, catalog=catalog, routes=[page.routes],
                       settings_for=lambda url: dev_settings(settings, url=url, directory=directory,
                                                             signing_secret=signing_secret, bot_token=bot_token))
+    url = await sandbox.start(host, port)
+    archive.keep_saved(emulator)
+    return DevServer(url=url, emulator=emulator, sandbox=sandbox, archive=archive)
+
+
+async def serve(args: argparse.Namespace, settings: Settings, catalog: Any) -> int:
     try:
-        url = await sandbox.start(args.host, args.port)
+        server = await start(settings, catalog, directory=args.dir, host=args.host, port=args.port)
     except OSError as exc:
         print(f"relaybot dev: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    archive.keep_saved(emulator)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     names = ", ".join(workflow.name for workflow in catalog) or "none yet"
-    print(f"relaybot dev: open {url}/ in a browser\n"
+    print(f"relaybot dev: open {server.url}/ in a browser\n"
           f"  a local Slack workspace '{TEAM_NAME}' where you are @{YOU.name} (admin); channels "
           + ", ".join(f"#{name}" for _, name in CHANNELS) + "\n"
           f"  workflows from {settings.workflows_dir}: {names}\n"
-          f"  data in {directory}/ (delete it to start afresh); stop with Ctrl-C", flush=True)
+          f"  data in {args.dir}/ (delete it to start afresh); stop with Ctrl-C", flush=True)
     try:
         await stop.wait()
     finally:
-        await archive.close(emulator)
-        await sandbox.stop()
+        await server.stop()
     return 0
 
 

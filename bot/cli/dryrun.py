@@ -177,6 +177,7 @@ def github_event_name(workflow: Any, kind: str | None, event_file: Path, notes: 
 
 def make_plan(args: argparse.Namespace, settings: Settings) -> Plan:
     from bot.emulator.scripted_http import parse_mock
+    from bot.slack.secrets import name_problem, value_problem
 
     workflow = find_workflow(args.workflow, settings)
     try:
@@ -200,6 +201,9 @@ def make_plan(args: argparse.Namespace, settings: Settings) -> Plan:
     except ValueError as exc:
         raise InputProblem(str(exc)) from None
     secrets = pairs(args.secret, "--secret")
+    for name, value in secrets.items():
+        if problem := name_problem(name) or value_problem(value):
+            raise InputProblem(f"--secret {name}: {problem}")
     params = [f"{key}={value}" for key, value in pairs(args.param, "--param").items()]
     github_event = github_event_name(workflow, args.kind, args.event, notes) if source == "github" else None
     return Plan(workflow=workflow, source=source, body=body, event_file=args.event, kind=args.kind,
@@ -296,17 +300,14 @@ class DryRun:
         return str(self.emulator.responses[before].get("text") or "")
 
     async def store_secrets(self) -> None:
-        from bot.store.models import Secret
+        """Sealed into the `secrets` table by the same code as the `/relay secret set` form."""
+        from bot.audit import Actor
+        from bot.slack.secrets import store_secret
 
-        if not self.plan.secrets:
-            return
         self.services.log_masker.register(*self.plan.secrets.values())
-        async with self.services.db.write() as session:
-            for name, value in self.plan.secrets.items():
-                sealed = await self.services.keyring.seal(session, team_id=TEAM_ID, purpose=f"secret:{name}",
-                                                          plaintext=value.encode())
-                await session.merge(Secret(team_id=TEAM_ID, name=name, ciphertext=sealed, set_by=TESTER,
-                                           set_by_name="tester", set_at=datetime.now(UTC)))
+        for name, value in self.plan.secrets.items():
+            await store_secret(self.services.db, self.services.keyring, team_id=TEAM_ID, name=name, value=value,
+                               actor=Actor(TESTER, "tester"))
 
     async def subscription_id(self) -> int | None:
         from sqlalchemy import select
