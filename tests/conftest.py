@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import socket
 import textwrap
@@ -72,8 +73,10 @@ def extract(pattern: str, text: str) -> str:
 class Bot:
     """The bot running in this process on a random port, in front of a Slack emulator."""
 
-    def __init__(self, *, tmp: Path, slack: SlackEmulator, workflows: Path, env: dict[str, Any]) -> None:
+    def __init__(self, *, tmp: Path, slack: SlackEmulator, workflows: Path, env: dict[str, Any],
+                 database_url: str) -> None:
         self.tmp = tmp
+        self.database_url = database_url
         self.slack = slack
         self.workflows = workflows
         self.env = env
@@ -87,7 +90,7 @@ class Bot:
             "slack_signing_secret": self.slack.signing_secret,
             "slack_bot_token": self.slack.teams[TEAM].bot_token,
             "slack_api_url": self.slack.api_url,
-            "database_url": f"sqlite+aiosqlite:///{self.tmp / 'relaybot.db'}",
+            "database_url": self.database_url,
             "master_keys": [MASTER_KEY],
             "workflows_dir": self.workflows,
             "public_url": f"http://127.0.0.1:{port}",
@@ -263,6 +266,64 @@ async def github_api() -> AsyncIterator[FakeGitHub]:
     await server.stop()
 
 
+POSTGRES_ADMIN_DSN = os.environ.get("RELAYBOT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+async def postgres_reachable() -> str | None:
+    """None when a PostgreSQL server answers; otherwise why not."""
+    import asyncpg
+
+    try:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return f"no PostgreSQL at {POSTGRES_ADMIN_DSN}: {type(exc).__name__}: {exc}"
+    await connection.close()
+    return None
+
+
+@pytest.fixture
+async def postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for one test; its SQLAlchemy URL."""
+    import uuid
+
+    import asyncpg
+
+    problem = await postgres_reachable()
+    if problem:
+        if os.environ.get("RELAYBOT_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here (RELAYBOT_REQUIRE_POSTGRES is set) but {problem}")
+        pytest.skip(problem)
+    name = f"relaybot_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    yield f"{base}/{name}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def database_backend(request: pytest.FixtureRequest) -> str:
+    """`sqlite` unless a module parametrizes it (indirectly) with `postgresql` too."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database_url(database_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if database_backend == "postgresql":
+        return str(request.getfixturevalue("postgres_database"))
+    return f"sqlite+aiosqlite:///{tmp_path / 'relaybot.db'}"
+
+
+BOTH_DATABASES = pytest.mark.parametrize("database_backend", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
 def workflows(tmp_path: Path) -> Path:
     directory = tmp_path / "workflows"
@@ -271,11 +332,12 @@ def workflows(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def make_bot(tmp_path: Path, slack: SlackEmulator, workflows: Path) -> AsyncIterator[Any]:
+async def make_bot(tmp_path: Path, slack: SlackEmulator, workflows: Path, database_url: str) -> AsyncIterator[Any]:
     bots: list[Bot] = []
 
     async def make(**env: Any) -> Bot:
-        bot = Bot(tmp=tmp_path, slack=slack, workflows=env.pop("workflows_dir", workflows), env=env)
+        bot = Bot(tmp=tmp_path, slack=slack, workflows=env.pop("workflows_dir", workflows), env=env,
+                  database_url=env.pop("database_url", database_url))
         bots.append(bot)
         return await bot.start()
 

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from bot.store.models import AuditRecord, Run, Step
 from tests.conftest import (
     ALICE,
+    BOTH_DATABASES,
     BOB,
     CHANNEL,
     CORPORA,
@@ -20,6 +21,8 @@ from tests.conftest import (
     buttons,
     write_workflow,
 )
+
+pytestmark = BOTH_DATABASES
 
 DEPLOY = """
 name: deploy

@@ -5,19 +5,16 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 from sqlalchemy import select
 
 from bot.store.db import Database
 from bot.store.models import Run, Step
-from tests.conftest import ADMIN, ALICE, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ADMIN, BOTH_DATABASES, ALICE, CHANNEL, TEAM, buttons, connection_from, write_workflow
 from tests.fakes.http_target import Reply
 from tests.procs import ServeProcess, post_json
 
 
-@pytest.fixture
-def database_url(tmp_path):
-    return f"sqlite+aiosqlite:///{tmp_path / 'relaybot.db'}"
+pytestmark = BOTH_DATABASES
 
 
 async def command(slack, text: str) -> str:

@@ -8,9 +8,10 @@ import copy
 from sqlalchemy import select
 
 from bot.store.models import AuditRecord, Run, Step
-from tests.conftest import CHANNEL, TEAM, block_texts, buttons, write_workflow
+from tests.conftest import BOTH_DATABASES, CHANNEL, TEAM, block_texts, buttons, write_workflow
 from tests.fakes.http_target import Reply
 
+pytestmark = BOTH_DATABASES
 HOOK = "on: {webhook: {}}\n"
 
 
