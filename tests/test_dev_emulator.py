@@ -95,8 +95,8 @@ async def page(tmp_path: Path) -> AsyncIterator[Page]:
     settings = Settings(workflows_dir=workflows, worker_poll_interval=0.2, lease_seconds=5)
     directory = tmp_path / ".relaybot-dev"
     directory.mkdir()
-    dev.ensure_master_key(directory / "master.key")
-    server = await dev.start(settings, Catalog.load([workflows]), directory=directory)
+    keys = dev.ensure_master_key(directory / "master.key")
+    server = await dev.start(settings, Catalog.load([workflows]), directory=directory, master_keys=keys)
     async with aiohttp.ClientSession() as http:
         yield Page(server, http)
     await server.stop()
@@ -242,7 +242,9 @@ async def test_a_restart_keeps_the_conversation_and_the_connections(tmp_path, pa
     assert saved["connections"][dev.TEAM_ID]["github"]["secret"].startswith("whsec_")
 
     settings = Settings(workflows_dir=tmp_path / "workflows", worker_poll_interval=0.2, lease_seconds=5)
-    page.server = await dev.start(settings, Catalog.load([tmp_path / "workflows"]), directory=directory)
+    keys = dev.ensure_master_key(directory / "master.key")
+    page.server = await dev.start(settings, Catalog.load([tmp_path / "workflows"]), directory=directory,
+                                  master_keys=keys)
     page.url = page.server.url
     state = await page.state()
     assert any("enabled" in text for text in ephemeral_texts(state))

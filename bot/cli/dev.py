@@ -50,27 +50,29 @@ def register(sub: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def ensure_master_key(path: Path) -> None:
-    """A key of the dev folder's own, created quietly (0600): its data is for trying things out."""
+def ensure_master_key(path: Path) -> list[str]:
+    """The dev folder's own key file, created quietly (0600) the first time; its keys, newest first."""
     from bot.crypto import generate_master_key_text
 
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(generate_master_key_text() + "\n")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(generate_master_key_text() + "\n")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def dev_settings(settings: Settings, *, url: str, directory: Path, signing_secret: str, bot_token: str) -> Settings:
+def dev_settings(settings: Settings, *, url: str, directory: Path, master_keys: list[str], signing_secret: str,
+                 bot_token: str) -> Settings:
     return settings.model_copy(update={
         "slack_signing_secret": signing_secret,
         "slack_bot_token": bot_token,
         "slack_api_url": f"{url}/api/",
         # Single-workspace mode with the emulator's token, whatever the shell has set for a real app.
         "slack_client_id": None, "slack_client_secret": None, "slack_app_token": None,
-        "database_url": f"sqlite+aiosqlite:///{(directory / 'relaybot.db').resolve()}",
-        "master_keys": [], "master_key_file": (directory / "master.key").resolve(),
+        "database_url": f"sqlite+aiosqlite:///{(directory / 'relaybot.db').absolute()}",
+        # Read from <directory>/master.key before the event loop started.
+        "master_keys": master_keys, "master_key_file": None,
         "public_url": url,
         "admins": [*settings.admins, YOU.id],
         # The emulator does not rate-limit; pacing at Slack's rate would only make the page slow.
@@ -116,8 +118,8 @@ class DevServer:
         await self.sandbox.stop()
 
 
-async def start(settings: Settings, catalog: Any, *, directory: Path, host: str = "127.0.0.1",
-                port: int = 0) -> DevServer:
+async def start(settings: Settings, catalog: Any, *, directory: Path, master_keys: list[str],
+                host: str = "127.0.0.1", port: int = 0) -> DevServer:
     from bot.emulator.persist import EmulatorArchive
     from bot.emulator.sandbox import Sandbox
     from bot.emulator.web import DevPage
@@ -130,15 +132,17 @@ async def start(settings: Settings, catalog: Any, *, directory: Path, host: str 
     page = DevPage(emulator=emulator, command=settings.command)
     sandbox = Sandbox(emulator=emulator, catalog=catalog, routes=[page.routes],
                       settings_for=lambda url: dev_settings(settings, url=url, directory=directory,
-                                                            signing_secret=signing_secret, bot_token=bot_token))
+                                                            master_keys=master_keys, signing_secret=signing_secret,
+                                                            bot_token=bot_token))
     url = await sandbox.start(host, port)
     archive.keep_saved(emulator)
     return DevServer(url=url, emulator=emulator, sandbox=sandbox, archive=archive)
 
 
-async def serve(args: argparse.Namespace, settings: Settings, catalog: Any) -> int:
+async def serve(args: argparse.Namespace, settings: Settings, catalog: Any, master_keys: list[str]) -> int:
     try:
-        server = await start(settings, catalog, directory=args.dir, host=args.host, port=args.port)
+        server = await start(settings, catalog, directory=args.dir, master_keys=master_keys, host=args.host,
+                             port=args.port)
     except OSError as exc:
         print(f"relaybot dev: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -163,6 +167,6 @@ async def serve(args: argparse.Namespace, settings: Settings, catalog: Any) -> i
 def run(args: argparse.Namespace, settings: Settings) -> int:
     # Files first, before the event loop runs: nothing below blocks it.
     args.dir.mkdir(parents=True, exist_ok=True)
-    ensure_master_key(args.dir / "master.key")
+    master_keys = ensure_master_key(args.dir / "master.key")
     catalog = load_catalog(settings)
-    return asyncio.run(serve(args, settings, catalog))
+    return asyncio.run(serve(args, settings, catalog, master_keys))

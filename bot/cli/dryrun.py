@@ -494,13 +494,17 @@ async def dry_run(plan: Plan, settings: Settings, database: Path, out: TextIO) -
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
+    root = logging.getLogger()
+    level = root.level
     if not args.verbose:
         # The audit trail is the output; the bot's own log would bury it.
-        logging.getLogger().setLevel(logging.WARNING)
+        root.setLevel(max(level, logging.WARNING))
     try:
         plan = make_plan(args, settings)
+        with tempfile.TemporaryDirectory(prefix="relaybot-test-") as directory:
+            return asyncio.run(dry_run(plan, settings, Path(directory) / "relaybot.db", sys.stdout))
     except InputProblem as exc:
         print(f"relaybot test: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    with tempfile.TemporaryDirectory(prefix="relaybot-test-") as directory:
-        return asyncio.run(dry_run(plan, settings, Path(directory) / "relaybot.db", sys.stdout))
+    finally:
+        root.setLevel(level)

@@ -7,6 +7,7 @@ slash command, a signed `block_actions` click, a signed `view_submission`, a sig
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
@@ -47,6 +48,17 @@ class DevPage:
         self.command = command
         self.examples_root = examples_root
         self.activity: deque[Activity] = deque(maxlen=60)
+        self._examples: dict[str, list[senders.Example]] | None = None
+
+    async def examples(self) -> dict[str, list[senders.Example]]:
+        """The packaged example payloads, listed once (off the event loop)."""
+        if self._examples is None:
+            self._examples = await asyncio.to_thread(senders.list_examples, self.examples_root)
+        return self._examples
+
+    async def find_example(self, integration: str, name: str) -> bytes | None:
+        example = next((item for item in (await self.examples()).get(integration, []) if item.name == name), None)
+        return None if example is None else await asyncio.to_thread(example.body)
 
     # ------------------------------------------------------------------------------------------ routes
 
@@ -95,7 +107,7 @@ class DevPage:
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
-    def snapshot(self, team: Team, user: str | None) -> dict[str, Any]:
+    def snapshot(self, team: Team, user: str | None, examples: dict[str, list[senders.Example]]) -> dict[str, Any]:
         messages: dict[str, list[dict[str, Any]]] = {}
         for channel in team.channels:
             everything = team.messages.get(channel, [])
@@ -109,7 +121,6 @@ class DevPage:
                     {"ts": item["ts"], "text": item.get("text") or "", "blocks": item.get("blocks")})
         modal = self.emulator.open_modal(team.id, user) if user else None
         known = self.emulator.connections.for_team(team.id)
-        examples = senders.list_examples(self.examples_root)
         integrations = [{"name": name, "title": cls.title, "examples": [e.name for e in examples.get(name, [])],
                          "can_sign": name in senders.SIGNERS,
                          "connection": ({"url": known[name].url, "has_secret": bool(known[name].secret)}
@@ -137,14 +148,14 @@ class DevPage:
         since = request.query.get("since")
         if since is not None and since.lstrip("-").isdigit():
             await self.emulator.wait_version(int(since), timeout=LONG_POLL_SECONDS)
-        return web.json_response(self.snapshot(team, user), headers={"Cache-Control": "no-store"})
+        examples = await self.examples()
+        return web.json_response(self.snapshot(team, user, examples), headers={"Cache-Control": "no-store"})
 
     async def example(self, request: web.Request) -> web.Response:
-        found = senders.find_example(request.match_info["integration"], request.match_info["name"],
-                                     self.examples_root)
-        if found is None:
+        body = await self.find_example(request.match_info["integration"], request.match_info["name"])
+        if body is None:
             raise web.HTTPNotFound(text="no such example")
-        return web.Response(body=found.body(), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
 
     # ------------------------------------------------------------------------------------------ doing
 
@@ -207,10 +218,10 @@ class DevPage:
         if isinstance(body_text, str) and body_text.strip():
             body = body_text.encode()
         else:
-            example = senders.find_example(integration, example_name, self.examples_root)
-            if example is None:
+            found = await self.find_example(integration, example_name)
+            if found is None:
                 raise web.HTTPBadRequest(text=f"no {integration} example {example_name!r}")
-            body = example.body()
+            body = found
         event = data.get("event") or (senders.event_name_for(integration, example_name) if example_name else None)
         try:
             status, text, _headers = await self.emulator.deliver_webhook(team.id, integration, body,
