@@ -3,8 +3,9 @@
 A value is masked raw and line by line; base64-encoded (at each of the three byte offsets it can sit at inside
 a longer encoded text, standard and URL-safe alphabets, and with the trailing newline `echo | base64` adds);
 JSON-escaped; HTML-escaped; and URL-encoded in any of the ways encoders differ on (which characters they
-escape, `%2f` or `%2F`, `+` or `%20` for a space), including URL-encodings of the other forms. A JSON document
-(a service-account file) also has each string inside it masked, since a tool may echo one field alone.
+escape, `%2f` or `%2F`, `+` or `%20` for a space, once or twice), including URL-encodings of the other forms.
+A JSON document (a service-account file) also has each string inside it masked, since a tool may echo one
+field alone. Not covered: base64 wrapped into lines (MIME, `base64` without `-w0`) of a value longer than a line.
 
 Every occurrence of every form is found, overlapping ones included, and each run of covered text becomes one
 `***`. A text that ends part-way into a form (an error message cut at 300 characters) has that tail masked too.
@@ -109,11 +110,14 @@ def _hex_any_case(encoded: str) -> str:
 
 
 def _url_token(char: str) -> str:
-    """A regex for one character as it may appear after URL-encoding: itself, or %XX (any case), or + for space."""
+    """A regex for one character as it may appear after URL-encoding, once or twice (a URL inside a URL's
+    query): itself, %XX or %25XX (any case), or + for a space."""
     if char in _URL_UNRESERVED:
         return re.escape(char)
-    percent = _hex_any_case("".join(f"%{byte:02X}" for byte in char.encode()))
-    options = [re.escape(char), percent] + ([r"\+"] if char == " " else [])
+    escaped = "".join(f"%{byte:02X}" for byte in char.encode())
+    options = [re.escape(char), _hex_any_case(escaped), _hex_any_case(escaped.replace("%", "%25"))]
+    if char == " ":
+        options.append(r"\+")
     return "(?:" + "|".join(options) + ")"
 
 
