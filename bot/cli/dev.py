@@ -112,8 +112,10 @@ class DevServer:
     emulator: Any  # SlackEmulator
     sandbox: Any  # Sandbox
     archive: Any  # EmulatorArchive
+    page: Any  # DevPage
 
     async def stop(self) -> None:
+        self.page.close()
         await self.archive.close(self.emulator)
         await self.sandbox.stop()
 
@@ -136,7 +138,7 @@ async def start(settings: Settings, catalog: Any, *, directory: Path, master_key
                                                             bot_token=bot_token))
     url = await sandbox.start(host, port)
     archive.keep_saved(emulator)
-    return DevServer(url=url, emulator=emulator, sandbox=sandbox, archive=archive)
+    return DevServer(url=url, emulator=emulator, sandbox=sandbox, archive=archive, page=page)
 
 
 async def serve(args: argparse.Namespace, settings: Settings, catalog: Any, master_keys: list[str]) -> int:

@@ -64,7 +64,8 @@ class Sandbox:
                 add(app)
             self.emulator.base_url = self.url
             self.emulator.bot_url = self.url
-            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            # A short grace for requests in flight when stopping (steps in flight have their own, in the engine).
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
         except BaseException:

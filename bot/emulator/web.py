@@ -49,6 +49,12 @@ class DevPage:
         self.examples_root = examples_root
         self.activity: deque[Activity] = deque(maxlen=60)
         self._examples: dict[str, list[senders.Example]] | None = None
+        self.closing = False
+
+    def close(self) -> None:
+        """Answer the long-polls now: a server stopping waits for its open requests to finish."""
+        self.closing = True
+        self.emulator.touch("closing")
 
     async def examples(self) -> dict[str, list[senders.Example]]:
         """The packaged example payloads, listed once (off the event loop)."""
@@ -146,7 +152,7 @@ class DevPage:
         team = self._team(request)
         user = request.query.get("user") or None
         since = request.query.get("since")
-        if since is not None and since.lstrip("-").isdigit():
+        if since is not None and since.lstrip("-").isdigit() and not self.closing:
             await self.emulator.wait_version(int(since), timeout=LONG_POLL_SECONDS)
         examples = await self.examples()
         return web.json_response(self.snapshot(team, user, examples), headers={"Cache-Control": "no-store"})
