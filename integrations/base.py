@@ -90,6 +90,11 @@ def dig(data: Any, *path: str | int) -> Any:
     return data
 
 
+def mapping(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (payloads are untrusted)."""
+    return value if isinstance(value, dict) else {}
+
+
 def text_of(value: Any, *, limit: int = 200) -> str:
     """A payload value as one short line of text ('' for None, lists, maps)."""
     if value is None or isinstance(value, dict | list):

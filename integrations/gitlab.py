@@ -20,6 +20,7 @@ from integrations.base import (
     ParsedEvent,
     constant_time_equal,
     dig,
+    mapping,
     parse_json_body,
     text_of,
 )
@@ -80,7 +81,7 @@ def summarize(kind: str, payload: dict[str, Any]) -> tuple[str, str | None]:
     user = _user(payload)
     action = _action(payload)
     verb = _PAST.get(action or "", action or "")
-    attributes = payload.get("object_attributes") if isinstance(payload.get("object_attributes"), dict) else {}
+    attributes = mapping(payload.get("object_attributes"))
     web_url = dig(payload, "project", "web_url")
     link = attributes.get("url") or web_url
 
@@ -167,7 +168,7 @@ class GitLab(Integration):
     def default_card(self, event: ParsedEvent) -> CardSpec:
         payload = event.payload if isinstance(event.payload, dict) else {}
         fields = {"Project": project_path(payload), "By": _user(payload)}
-        attributes = payload.get("object_attributes") if isinstance(payload.get("object_attributes"), dict) else {}
+        attributes = mapping(payload.get("object_attributes"))
         branch = attributes.get("target_branch") or attributes.get("ref") or payload.get("ref")
         if branch:
             fields["Branch"] = _branch(branch)

@@ -24,6 +24,7 @@ from integrations.base import (
     constant_time_equal,
     dig,
     hmac_sha256_hex,
+    mapping,
     parse_json_body,
     text_of,
 )
@@ -54,7 +55,7 @@ def _service(data: dict[str, Any]) -> str:
 def summarize(event: dict[str, Any]) -> tuple[str, str | None]:
     """A one-line summary naming the service (or the incident, where the event names no service), and a link."""
     event_type = str(event.get("event_type") or "")
-    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    data = mapping(event.get("data"))
     service = _service(data) or "PagerDuty"
     agent = text_of(dig(event, "agent", "summary"))
     by = f" by {agent}" if agent else ""
@@ -98,8 +99,7 @@ class PagerDuty(Integration):
                            actionable=event_type != PING)
 
     def default_card(self, event: ParsedEvent) -> CardSpec:
-        data = dig(event.payload, "event", "data")
-        data = data if isinstance(data, dict) else {}
+        data = mapping(dig(event.payload, "event", "data"))
         fields: dict[str, str] = {}
         candidates = {"Service": _service(data), "Status": text_of(data.get("status")),
                       "Urgency": text_of(data.get("urgency")), "Priority": text_of(dig(data, "priority", "summary")),
