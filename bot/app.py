@@ -25,8 +25,11 @@ from bot.masking import LogMasker
 from bot.metrics import CONTENT_TYPE, Metrics
 from bot.services import Services
 from bot.settings import Settings
-from bot.slack.client import SlackApi, StaticToken, TeamPoster
+from bot.errors import ConfigError
+from bot.slack.client import SlackApi, StaticToken, TeamPoster, TokenSource
+from bot.slack.installations import EncryptedInstallationStore, InstallationTokens
 from bot.slack.listeners import build_bolt_app
+from bot.slack.notices import tell_subscriber
 from bot.slack.outbox import Outbox
 from bot.slack.people import People
 from bot.store import migrate
@@ -60,19 +63,25 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     keyring = Keyring(load_master_keys(keys=settings.master_keys, key_file=settings.master_key_file,
                                        default_file=key_file or default_key_file(settings)))
     metrics = Metrics()
-    if not settings.slack_bot_token:
-        from bot.errors import ConfigError
-
-        raise ConfigError("SLACK_BOT_TOKEN is required (OAuth installs are not available yet)")
-    slack = SlackApi(base_url=settings.slack_api_url, tokens=StaticToken(settings.slack_bot_token),
-                     metrics=metrics)
+    installations: EncryptedInstallationStore | None = None
+    tokens: TokenSource
+    if settings.oauth_enabled:
+        assert settings.slack_client_id is not None
+        installations = EncryptedInstallationStore(db=db, keyring=keyring, client_id=settings.slack_client_id)
+        tokens = InstallationTokens(installations)
+    elif settings.slack_bot_token:
+        tokens = StaticToken(settings.slack_bot_token)
+    else:
+        raise ConfigError("SLACK_BOT_TOKEN is required (or SLACK_CLIENT_ID and SLACK_CLIENT_SECRET for OAuth)")
+    slack = SlackApi(base_url=settings.slack_api_url, tokens=tokens, metrics=metrics)
     owner = process_owner()
     lease = timedelta(seconds=settings.lease_seconds)
     log_masker = log_masker or LogMasker()
     http = http or HttpClient(allow=settings.http_allow, timeout=settings.http_timeout,
                               max_response=settings.http_max_response)
     outbox = Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=settings.slack_channel_rate,
-                    poll_interval=settings.worker_poll_interval, lease=lease)
+                    poll_interval=settings.worker_poll_interval, lease=lease,
+                    on_undeliverable=lambda message, reason: tell_subscriber(db, slack, message, reason))
     intake = Intake(db=db, catalog=catalog)
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
@@ -82,7 +91,7 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     services = Services(settings=settings, db=db, catalog=catalog, keyring=keyring, metrics=metrics, slack=slack,
                         people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,
                         engine=engine, outbox=outbox, log_masker=log_masker, connections=ConnectionCache(),
-                        http=http)
+                        http=http, installations=installations)
     return services
 
 
@@ -113,6 +122,16 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_post("/slack/events", slack_events)
+    oauth_flow = bolt.oauth_flow
+    if oauth_flow is not None:
+        async def install(request: web.Request) -> web.Response:
+            return await to_aiohttp_response(await oauth_flow.handle_installation(await to_bolt_request(request)))
+
+        async def oauth_redirect(request: web.Request) -> web.Response:
+            return await to_aiohttp_response(await oauth_flow.handle_callback(await to_bolt_request(request)))
+
+        app.router.add_get("/slack/install", install)
+        app.router.add_get("/slack/oauth_redirect", oauth_redirect)
     app.router.add_post("/hooks/{connection_id}", door.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

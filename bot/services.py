@@ -13,6 +13,7 @@ from bot.masking import LogMasker
 from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.slack.client import SlackApi
+from bot.slack.installations import EncryptedInstallationStore
 from bot.slack.outbox import Outbox
 from bot.slack.people import People
 from bot.store.db import Database
@@ -36,6 +37,7 @@ class Services:
     log_masker: LogMasker
     connections: ConnectionCache
     http: HttpClient
+    installations: EncryptedInstallationStore | None = None
 
     def wake(self) -> None:
         """New work was committed: let the engine and the outbox look now rather than at their next poll."""

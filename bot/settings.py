@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     slack_client_secret: str | None = Field(default=None, validation_alias="SLACK_CLIENT_SECRET")
     slack_app_token: str | None = Field(default=None, validation_alias="SLACK_APP_TOKEN")
     slack_api_url: str = Field(default="https://slack.com/api/", validation_alias="SLACK_API_URL")
+    slack_authorize_url: str = Field(default="https://slack.com/oauth/v2/authorize",
+                                     validation_alias="SLACK_AUTHORIZE_URL")
 
     database_url: str = Field(default="sqlite+aiosqlite:///relaybot.db", validation_alias="RELAYBOT_DATABASE_URL")
     master_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,

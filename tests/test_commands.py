@@ -123,3 +123,20 @@ async def test_runs_and_status(make_bot, workflows, target):
     status = await bot.command(f"status {run_id.lower()}")
     assert f"*Run `{run_id}`*" in status and "ship — succeeded" in status
     assert "There is no run `RNOPE`" in await bot.command("status RNOPE")
+
+
+async def test_bot_not_in_the_channel_is_explained(make_bot, workflows, target, slack):
+    from bot.store.models import OutboxMessage
+    from tests.conftest import ADMIN, TEAM
+
+    slack.add_channel(TEAM, "C0PRIVATE", "private", bot_member=False)
+    bot = await deploy_bot(make_bot, workflows, target)
+    reply = await bot.command("enable deploy", channel="C0PRIVATE")
+    assert "I am not in this channel yet" in reply and "/invite @relaybot" in reply
+    await bot.command("run deploy who=x", channel="C0PRIVATE")
+    dm = await slack.wait_for(lambda: [m for m in slack.teams[TEAM].messages.get(ADMIN, [])])
+    assert "could not post its card in <#C0PRIVATE> (not_in_channel)" in dm[0].text
+    await bot.settle()
+    async with bot.services.db.read() as session:
+        states = set((await session.execute(select(OutboxMessage.state))).scalars())
+    assert "failed" in states and "pending" not in states

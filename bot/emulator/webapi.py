@@ -272,6 +272,8 @@ class SlackEmulator:
     def _channel_error(self, team: Team, channel: str | None) -> str | None:
         if not channel:
             return "channel_not_found"
+        if channel in team.users:
+            return None  # a user id: the app's direct message with that user
         info = team.channels.get(channel)
         if info is None:
             return "channel_not_found"

@@ -392,6 +392,8 @@ class Runner:
             workflow = await self._workflow(session, run)
             compiled = workflow.step(plan.step_id)
             retry = compiled.model.retry
+            # A run cancelled while this step ran: record what the step did, retry nothing, keep "cancelled".
+            ended = run.state in states.FINAL_RUN_STATES
             step.duration_ms = int(outcome.seconds * 1000)
             if outcome.ok:
                 step.state = states.STEP_SUCCEEDED
@@ -406,7 +408,7 @@ class Runner:
                     thread=messages.thread_step_finished(title=step.title, outcome="succeeded",
                                                          seconds=outcome.seconds,
                                                          result=messages.short_result(outcome.outputs)))
-            elif outcome.retryable and plan.attempt < retry.attempts:
+            elif outcome.retryable and plan.attempt < retry.attempts and not ended:
                 delay = min(retry.backoff * (2 ** (plan.attempt - 1)), retry.max_backoff)
                 step.state = states.PENDING
                 step.error = outcome.error
@@ -425,7 +427,8 @@ class Runner:
                 step.state = final
                 step.error = outcome.error
                 step.finished_at = now
-                run.outcome = states.FAILED
+                if not ended:
+                    run.outcome = states.FAILED
                 self._refresh_card(workflow, run, event, steps)
                 await journal.transition(
                     session, run, actor=SYSTEM, action="step.finished", step=step.step_id, outcome=final,

@@ -25,7 +25,8 @@ from bot.slack.people import LookupFailed
 from bot.store.models import Event, Run, Step, WorkflowVersion
 
 
-async def _workflow(services: Services, run: Run) -> CompiledWorkflow:
+async def workflow_of(services: Services, run: Run) -> CompiledWorkflow:
+    """The workflow as the run started it (the file may have changed since)."""
     try:
         return services.catalog.version(run.workflow_hash)
     except KeyError:
@@ -64,7 +65,7 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
             who = messages.user(step.decided_by, step.decided_by_name)
             return messages.CLICK_ALREADY_DECIDED.format(state=f"{step.decision} by {who}")
         return messages.CLICK_STALE
-    workflow = await _workflow(services, run)
+    workflow = await workflow_of(services, run)
     compiled = workflow.step(step_id)
     try:
         refusal = await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by)

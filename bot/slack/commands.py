@@ -21,6 +21,7 @@ from bot.errors import NotAllowed, NotFound, UserError
 from bot.ids import new_connection_id, new_webhook_secret, normalize_run_id
 from bot.services import Services
 from bot.slack import messages
+from bot.slack.people import LookupFailed
 from bot.slack import secrets as secret_commands
 from bot.store.inbox import NewEvent
 from bot.store.models import Connection, Run, Step, Subscription, Workspace
@@ -194,12 +195,24 @@ async def cmd_enable(services: Services, command: Command, words: list[str]) -> 
                            workflow=workflow.name, workflow_hash=workflow.hash, outcome="ok",
                            details={"channel": command.channel_id, "params": params}, at=now)
     lines = [messages.enabled(workflow=workflow.name, params=params, updated=updated)]
+    if not await _bot_in_channel(services, command):
+        lines.append(messages.NOT_IN_CHANNEL)
     for trigger in workflow.triggers:
         integration = INTEGRATIONS.get(trigger)
         if integration is None or not integration.receives_webhooks:
             continue
         lines.append(await _connection_reply(services, command, trigger, rotate=False))
     return "\n\n".join(lines)
+
+
+async def _bot_in_channel(services: Services, command: Command) -> bool:
+    """False only when Slack says the bot is not a member; an unanswered question is not a warning."""
+    try:
+        info = await services.slack.call(command.team_id, "conversations.info", channel=command.channel_id)
+    except Exception:
+        return True
+    channel = info.get("channel") or {}
+    return bool(channel.get("is_member", True)) or bool(channel.get("is_im"))
 
 
 async def cmd_disable(services: Services, command: Command, words: list[str]) -> str:
@@ -318,9 +331,53 @@ async def cmd_status(services: Services, command: Command, words: list[str]) -> 
     return "\n".join(lines)
 
 
+async def may_cancel(services: Services, command: Command, run: Run) -> bool:
+    """Admins, and the approvers of the run's workflow (anyone, when it names no approvers)."""
+    if await services.people.is_admin(command.team_id, command.user_id):
+        return True
+    from bot.slack.actions import workflow_of
+
+    workflow = await workflow_of(services, run)
+    approver_sets = [step.approvers for step in workflow.steps if step.needs_approval]
+    if workflow.model.approvers is not None:
+        approver_sets.append(workflow.model.approvers)
+    if not approver_sets or any(approvers is None or approvers.anyone for approvers in approver_sets):
+        return True
+    for approvers in approver_sets:
+        assert approvers is not None
+        if command.user_id in approvers.users:
+            return True
+        for group in approvers.groups:
+            try:
+                if command.user_id in await services.people.group_members(command.team_id, group, fresh=True):
+                    return True
+            except LookupFailed:
+                continue
+    return False
+
+
+async def cmd_cancel(services: Services, command: Command, words: list[str]) -> str:
+    if not words:
+        raise UserError(f"Which run? `{command.name} cancel <run id>` — `{command.name} runs` lists them.")
+    run_id = normalize_run_id(words[0])
+    async with services.db.read() as session:
+        run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == command.team_id))
+               ).scalar_one_or_none()
+    if run is None:
+        raise NotFound(f"There is no run `{messages.escape(words[0])}` in this workspace.")
+    if not await may_cancel(services, command, run):
+        raise NotAllowed(f"Only admins and the approvers of `{run.workflow}` can cancel its runs.")
+    from bot.slack.lifecycle import cancel_run
+
+    if not await cancel_run(services, run_id=run.id, team_id=command.team_id, actor=command.actor,
+                            reason="cancelled with /relay cancel"):
+        return f"Run `{run.id}` has already ended ({run.state}); nothing to cancel."
+    return f"Run `{run.id}` is cancelled. A step already running finishes; nothing else will run."
+
+
 SUBCOMMANDS: dict[str, Handler] = {
     "help": cmd_help, "list": cmd_list, "enable": cmd_enable, "disable": cmd_disable, "run": cmd_run,
-    "connect": cmd_connect, "runs": cmd_runs, "status": cmd_status,
+    "connect": cmd_connect, "runs": cmd_runs, "status": cmd_status, "cancel": cmd_cancel,
     "secret": secret_commands.cmd_secret,
 }
 

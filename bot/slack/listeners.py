@@ -11,13 +11,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
-from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
+from slack_sdk.oauth.state_store.sqlalchemy import AsyncSQLAlchemyOAuthStateStore
+from slack_sdk.web.async_client import AsyncWebClient
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 
 from bot.errors import UserError, reference_id
 from bot.services import Services
-from bot.slack import actions, commands, messages, secrets
+from bot.slack import actions, commands, home, lifecycle, messages, secrets
 from bot.slack.blocks import APPROVE_ACTION, SKIP_ACTION
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,26 @@ async def guarded(respond: AsyncRespond | None, work: Callable[[], Awaitable[str
 EXTENSIONS: tuple[Callable[[AsyncApp, Services], None], ...] = (secrets.register,)
 
 
-def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[AuthorizeResult]] | None = None
-                   ) -> AsyncApp:
-    settings = services.settings
-    from slack_sdk.web.async_client import AsyncWebClient
+OAUTH_SCOPES = ("commands", "chat:write", "users:read", "usergroups:read", "channels:read", "groups:read")
 
-    # Bolt's client (for `respond` and its one `auth.test`) also goes to SLACK_API_URL.
+
+def _oauth_settings(services: Services) -> AsyncOAuthSettings:
+    settings = services.settings
+    assert services.installations is not None
+    return AsyncOAuthSettings(
+        client_id=settings.slack_client_id, client_secret=settings.slack_client_secret, scopes=list(OAUTH_SCOPES),
+        redirect_uri=f"{settings.public_url}/slack/oauth_redirect", install_path="/slack/install",
+        redirect_uri_path="/slack/oauth_redirect", installation_store=services.installations,
+        installation_store_bot_only=True,
+        state_store=AsyncSQLAlchemyOAuthStateStore(expiration_seconds=600, engine=services.db.engine),
+        authorization_url=settings.slack_authorize_url)
+
+
+def build_bolt_app(services: Services) -> AsyncApp:
+    settings = services.settings
+    # Bolt's client (for `respond`, `auth.test` and `oauth.v2.access`) also goes to SLACK_API_URL.
     client = AsyncWebClient(base_url=settings.slack_api_url,
-                            token=settings.slack_bot_token if authorize is None else None)
+                            token=None if settings.oauth_enabled else settings.slack_bot_token)
     options: dict[str, Any] = {
         "signing_secret": settings.slack_signing_secret or "",
         "client": client,
@@ -68,8 +82,8 @@ def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[Aut
         "request_verification_enabled": True,
         "ignoring_self_events_enabled": False,
     }
-    if authorize is not None:
-        options["authorize"] = authorize
+    if settings.oauth_enabled:
+        options["oauth_settings"] = _oauth_settings(services)
     app = AsyncApp(**options)
 
     @app.command(settings.command)
@@ -80,10 +94,44 @@ def build_bolt_app(services: Services, *, authorize: Callable[..., Awaitable[Aut
 
     async def on_click(ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], respond: AsyncRespond) -> None:
         await ack()
+        if home.home_click(body):
+            # The Home tab has no response_url: the outcome is shown on the refreshed tab instead.
+            team_id = (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
+            user_id = (body.get("user") or {}).get("id")
+            notice: str | None = None
+            try:
+                notice = await actions.decide(services, body, action)
+            except UserError as exc:
+                notice = exc.message
+            except Exception:
+                ref = reference_id()
+                log.exception("unexpected error [ref %s]", ref)
+                notice = messages.UNEXPECTED.format(ref=ref)
+            await guarded(None, lambda: _publish(team_id, user_id, notice))
+            return
         await guarded(respond, lambda: actions.decide(services, body, action))
+
+    async def _publish(team_id: str, user_id: str, notice: str | None) -> None:
+        await home.publish_home(services, team_id=team_id, user_id=user_id, notice=notice)
 
     app.action(APPROVE_ACTION)(on_click)
     app.action(SKIP_ACTION)(on_click)
+
+    @app.event("app_home_opened")
+    async def on_home(event: dict[str, Any], body: dict[str, Any]) -> None:
+        if event.get("tab", "home") != "home":
+            return
+        await guarded(None, lambda: _publish(body["team_id"], event["user"], None))
+
+    @app.event("app_uninstalled")
+    async def on_uninstalled(body: dict[str, Any]) -> None:
+        await guarded(None, lambda: lifecycle.uninstall(services, team_id=body["team_id"], reason="app_uninstalled"))
+
+    @app.event("tokens_revoked")
+    async def on_tokens_revoked(event: dict[str, Any], body: dict[str, Any]) -> None:
+        if (event.get("tokens") or {}).get("bot"):
+            await guarded(None, lambda: lifecycle.uninstall(services, team_id=body["team_id"],
+                                                             reason="bot token revoked"))
 
     for extension in EXTENSIONS:
         extension(app, services)

@@ -199,6 +199,11 @@ NO_PARAMS = "`{workflow}` takes no parameters."
 BAD_CHOICE = "`{key}={value}` is not allowed for `{workflow}`: choose one of {choices}."
 MISSING_PARAM = "`{workflow}` needs `{key}=…` ({description})."
 NOT_ENABLED = "`{workflow}` is not enabled in this channel."
+NOT_IN_CHANNEL = (":warning: I am not in this channel yet, so I cannot post run cards here. Invite me with "
+                  "`/invite @relaybot`.")
+CARD_UNDELIVERABLE = (":warning: Run `{run_id}` of `{workflow}` could not post its card in <#{channel}> "
+                      "({error}). Invite me there with `/invite @relaybot`, or disable the workflow in that "
+                      "channel; its approvals can still be given from my Home tab.")
 DISABLED = "`{workflow}` is disabled in this channel. Runs already going will finish."
 RUN_STARTED = "Started run `{run_id}` of `{workflow}`; its card follows in this channel."
 RUN_BY_ADMINS = "Only admins can start `{workflow}` by hand."

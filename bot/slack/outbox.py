@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,7 +87,9 @@ class _Bucket:
 class Outbox:
     def __init__(self, *, db: Database, slack: SlackApi, metrics: Metrics, owner: str, rate: float,
                  poll_interval: float = 1.0, lease: timedelta = timedelta(seconds=60), burst: float = 3.0,
-                 concurrency: int = 32) -> None:
+                 concurrency: int = 32,
+                 on_undeliverable: Callable[[OutboxMessage, str], Awaitable[None]] | None = None) -> None:
+        self.on_undeliverable = on_undeliverable
         self.db = db
         self.slack = slack
         self.metrics = metrics
@@ -319,6 +322,11 @@ class Outbox:
             await session.execute(update(OutboxMessage).where(OutboxMessage.lane == lane,
                                                               OutboxMessage.state == "pending").values(
                 state="failed", last_error=reason, lease_owner=None, lease_until=None))
+        if self.on_undeliverable is not None:
+            try:
+                await self.on_undeliverable(head, reason)
+            except Exception:
+                log.exception("could not tell anyone that lane %s is undeliverable", lane)
 
     async def idle(self) -> bool:
         if self._active:

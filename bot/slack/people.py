@@ -43,6 +43,10 @@ class _TTLCache:
             return None
         return entry[1]
 
+    def forget(self, team_id: str) -> None:
+        for key in [key for key in self._data if isinstance(key, tuple) and key and key[0] == team_id]:
+            del self._data[key]
+
     def put(self, key: Any, value: Any) -> None:
         if len(self._data) > 10_000:
             self._data.clear()
@@ -115,12 +119,19 @@ class People:
         self._groups.put((team_id, group_id), members)
         return members
 
+    def forget(self, team_id: str) -> None:
+        self._users.forget(team_id)
+        self._groups.forget(team_id)
+
     async def may_approve(self, team_id: str, user_id: str, approvers: Approvers | None,
-                          started_by: str | None) -> str | None:
-        """None if the user may decide; otherwise the reason they may not (for the ephemeral reply)."""
+                          started_by: str | None, *, fresh: bool = True) -> str | None:
+        """None if the user may decide; otherwise the reason they may not (for the ephemeral reply).
+
+        A click re-checks with Slack (`fresh`); the Home tab's list may use what was looked up a minute ago.
+        """
         from bot.slack import messages
 
-        person = await self.person(team_id, user_id, fresh=True)
+        person = await self.person(team_id, user_id, fresh=fresh)
         if person.is_bot or person.is_guest or person.deleted:
             return messages.CLICK_NOT_ALLOWED_KIND
         if approvers is not None and not approvers.allow_self and started_by and started_by == user_id:
@@ -130,6 +141,6 @@ class People:
         if user_id in approvers.users:
             return None
         for group in approvers.groups:
-            if user_id in await self.group_members(team_id, group, fresh=True):
+            if user_id in await self.group_members(team_id, group, fresh=fresh):
                 return None
         return messages.CLICK_NOT_APPROVER

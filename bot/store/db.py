@@ -74,7 +74,12 @@ class Database:
 
     @property
     def engine(self) -> AsyncEngine:
+        """The engine for writes (and migrations)."""
         return self._writer
+
+    @property
+    def read_engine(self) -> AsyncEngine:
+        return self._reader
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:

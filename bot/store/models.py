@@ -22,6 +22,8 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from slack_sdk.oauth.installation_store.sqlalchemy import SQLAlchemyInstallationStore
+from slack_sdk.oauth.state_store.sqlalchemy import SQLAlchemyOAuthStateStore
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -266,6 +268,17 @@ class OutboxMessage(Base):
     result_ts: Mapped[str | None] = mapped_column(String(32))
     last_error: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_outbox_pending", "state", "id"),)
+
+
+# slack-sdk's OAuth tables (installations, bots, state), in our metadata so Alembic manages them too.
+SLACK_INSTALLATIONS = SQLAlchemyInstallationStore.build_installations_table(Base.metadata, "slack_installations")
+SLACK_BOTS = SQLAlchemyInstallationStore.build_bots_table(Base.metadata, "slack_bots")
+SLACK_OAUTH_STATES = SQLAlchemyOAuthStateStore.build_oauth_states_table(Base.metadata, "slack_oauth_states")
+# Tokens are stored sealed (see bot.slack.installations), which makes them longer than slack-sdk's 200 characters.
+for _table in (SLACK_INSTALLATIONS, SLACK_BOTS):
+    for _column in _table.columns:
+        if _column.name.endswith(("_token", "refresh_token")):
+            _column.type = Text()
 
 
 class Secret(Base):

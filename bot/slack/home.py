@@ -1,0 +1,126 @@
+"""The App Home tab: workflows enabled in the workspace, runs waiting for this user's approval (with the buttons),
+and the latest runs. Built with slack-sdk's model classes, which check Block Kit's limits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ContextBlock,
+    DividerBlock,
+    HeaderBlock,
+    MarkdownTextObject,
+    PlainTextObject,
+    SectionBlock,
+)
+from slack_sdk.models.views import View
+from sqlalchemy import func, select
+
+from bot.engine import states
+from bot.engine.context import run_url
+from bot.services import Services
+from bot.slack import messages
+from bot.slack.blocks import APPROVE_ACTION, SKIP_ACTION, button_value
+from bot.slack.people import LookupFailed
+from bot.store.models import Run, Step, Subscription
+
+MAX_WAITING = 15
+MAX_LATEST = 10
+MAX_ENABLED = 25
+
+
+def _when(run: Run) -> str:
+    stamp = int(run.created_at.timestamp())
+    return f"<!date^{stamp}^{{date_short_pretty}} {{time}}|{run.created_at:%Y-%m-%d %H:%M} UTC>"
+
+
+async def _may_approve(services: Services, team_id: str, user_id: str, run: Run, step: Step) -> bool:
+    from bot.slack.actions import workflow_of
+
+    try:
+        workflow = await workflow_of(services, run)
+        compiled = workflow.step(step.step_id)
+        return await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by,
+                                                 fresh=False) is None
+    except (KeyError, LookupFailed):
+        return False
+
+
+async def build_home(services: Services, *, team_id: str, user_id: str, notice: str | None = None) -> View:
+    async with services.db.read() as session:
+        subscriptions = list((await session.execute(
+            select(Subscription).where(Subscription.team_id == team_id).order_by(Subscription.workflow,
+                                                                                  Subscription.channel_id)
+            .limit(MAX_ENABLED))).scalars())
+        last_runs: dict[tuple[str, str], Run] = {}
+        if subscriptions:
+            latest_ids = select(func.max(Run.created_at).label("at"), Run.workflow, Run.channel_id).where(
+                Run.team_id == team_id).group_by(Run.workflow, Run.channel_id).subquery()
+            rows = await session.execute(select(Run).join(latest_ids, (Run.workflow == latest_ids.c.workflow)
+                                                           & (Run.channel_id == latest_ids.c.channel_id)
+                                                           & (Run.created_at == latest_ids.c.at))
+                                         .where(Run.team_id == team_id))
+            last_runs = {(run.workflow, run.channel_id): run for run in rows.scalars()}
+        waiting_rows = list((await session.execute(
+            select(Run, Step).join(Step, Step.run_id == Run.id)
+            .where(Run.team_id == team_id, Run.state == states.WAITING, Step.state == states.STEP_WAITING)
+            .order_by(Run.created_at.desc()).limit(50))).all())
+        latest = list((await session.execute(select(Run).where(Run.team_id == team_id)
+                                             .order_by(Run.created_at.desc()).limit(MAX_LATEST))).scalars())
+
+    blocks: list[Block] = [HeaderBlock(text=PlainTextObject(text="relaybot"))]
+    if notice:
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=notice[:3000])))
+    blocks.append(HeaderBlock(text=PlainTextObject(text="Waiting for your approval")))
+    shown = 0
+    for run, step in waiting_rows:
+        if shown >= MAX_WAITING or not await _may_approve(services, team_id, user_id, run, step):
+            continue
+        shown += 1
+        summary = messages.escape(run.card.get("summary") or run.title)
+        blocks.append(SectionBlock(text=MarkdownTextObject(
+            text=f"*{messages.escape(step.title)}* · `{run.workflow}` in <#{run.channel_id}> · run `{run.id}`\n"
+                 f"{summary}\n<{run_url(run)}|Open the thread>"[:3000])))
+        value = button_value(run.id, step.step_id)
+        blocks.append(ActionsBlock(block_id=f"home:{run.id}:{step.step_id}", elements=[
+            ButtonElement(text=PlainTextObject(text=messages.APPROVE), action_id=APPROVE_ACTION, value=value,
+                          style="primary"),
+            ButtonElement(text=PlainTextObject(text=messages.SKIP), action_id=SKIP_ACTION, value=value)]))
+    if not shown:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text="Nothing is waiting for you.")]))
+
+    blocks += [DividerBlock(), HeaderBlock(text=PlainTextObject(text="Enabled workflows"))]
+    if not subscriptions:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(
+            text=f"No workflow is enabled yet: `{services.settings.command} enable <workflow>` in a channel.")]))
+    for subscription in subscriptions:
+        workflow = services.catalog.get(subscription.workflow)
+        triggers = ", ".join(workflow.triggers) if workflow else "(no longer in the catalog)"
+        last = last_runs.get((subscription.workflow, subscription.channel_id))
+        last_text = (f"last run `{last.id}` {messages.STATUS_TEXT.get(last.state, last.state)} {_when(last)}"
+                     if last else "no runs yet")
+        blocks.append(SectionBlock(text=MarkdownTextObject(
+            text=f"`{subscription.workflow}` in <#{subscription.channel_id}> · on {triggers} · {last_text}")))
+
+    blocks += [DividerBlock(), HeaderBlock(text=PlainTextObject(text="Latest runs"))]
+    if not latest:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text="No runs yet.")]))
+    for run in latest:
+        summary = messages.escape(run.card.get("summary") or run.title)
+        blocks.append(SectionBlock(text=MarkdownTextObject(
+            text=f"`{run.id}` {messages.STATUS_TEXT.get(run.state, run.state)} · `{run.workflow}` in "
+                 f"<#{run.channel_id}> · {_when(run)}\n{summary} · <{run_url(run)}|thread>"[:3000])))
+    return View(type="home", blocks=blocks[:100])
+
+
+async def publish_home(services: Services, *, team_id: str, user_id: str, notice: str | None = None) -> None:
+    view = await build_home(services, team_id=team_id, user_id=user_id, notice=notice)
+    await services.slack.call(team_id, "views.publish", user_id=user_id, view=view.to_dict())
+
+
+def home_click(body: dict[str, Any]) -> bool:
+    return (body.get("container") or {}).get("type") == "view" or (body.get("view") or {}).get("type") == "home"

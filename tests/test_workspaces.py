@@ -1,0 +1,281 @@
+"""Many workspaces: OAuth installs, isolation between workspaces, uninstall and reinstall, approvers, App Home."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from urllib.parse import parse_qs, urlparse
+
+import aiohttp
+import pytest
+from slack_sdk.models.views import View
+from sqlalchemy import select, text
+
+from bot.store.models import AuditRecord, Run
+from tests.conftest import (
+    ADMIN,
+    ALICE,
+    BOB,
+    CHANNEL,
+    GUEST,
+    TEAM,
+    block_texts,
+    buttons,
+    connection_from,
+    write_workflow,
+)
+
+OTHER = "T0GLOBEX1"
+OTHER_CHANNEL = "C0GLOBEX1"
+OTHER_ADMIN = "U0GLADMIN"
+
+GATE = """
+name: gate
+on: webhook
+approvers: {users: [U0ALICE01], groups: [oncall], allow_self: false}
+steps:
+  - id: deploy
+    approval: required
+    uses: http.request
+    with: {url: "TARGET/deploy", method: POST, headers: {X-Token: "${{ secrets.TOKEN }}"}}
+"""
+
+
+@pytest.fixture
+async def two_workspaces(slack):
+    slack.add_team(OTHER, "globex")
+    slack.add_user(OTHER, OTHER_ADMIN, "gladys", is_admin=True)
+    slack.add_channel(OTHER, OTHER_CHANNEL, "ops")
+    slack.add_usergroup(OTHER, "S0GLONCALL", "oncall", [OTHER_ADMIN])
+    return slack
+
+
+async def install(bot, team_id: str) -> None:
+    """The whole OAuth dance, as a browser does it: install page → Slack → redirect with code and state."""
+    async with aiohttp.ClientSession() as browser:
+        async with browser.get(f"{bot.url}/slack/install", allow_redirects=False) as response:
+            page = await response.text()
+            cookie = response.headers.get("Set-Cookie", "")
+        authorize = re.search(r'href="([^"]+oauth[^"]+)"', page)
+        assert authorize, page
+        state = parse_qs(urlparse(authorize.group(1).replace("&amp;", "&")).query)["state"][0]
+        cookie_pair = cookie.split(";")[0]
+        async with browser.get(f"{bot.url}/slack/oauth_redirect?code=code-{team_id}&state={state}",
+                               headers={"Cookie": cookie_pair}, allow_redirects=False) as response:
+            assert response.status == 200, await response.text()
+
+
+async def oauth_bot(make_bot, slack):
+    return await make_bot(slack_bot_token=None, slack_client_id="1234.5678", slack_client_secret="client-secret",
+                          slack_authorize_url=f"{slack.base_url}/oauth/v2/authorize")
+
+
+async def command(bot, team: str, channel: str, user: str, text_: str) -> str:
+    before = len(bot.slack.responses)
+    await bot.slack.slash_command(team, channel, user, text_)
+    await bot.slack.wait_for(lambda: len(bot.slack.responses) > before)
+    return str(bot.slack.responses[before]["text"])
+
+
+async def test_two_workspaces_are_isolated_and_uninstall_keeps_the_audit_log(make_bot, two_workspaces, workflows,
+                                                                             target):
+    slack = two_workspaces
+    write_workflow(workflows, "gate", GATE.replace("TARGET", target.url))
+    bot = await oauth_bot(make_bot, slack)
+    await install(bot, TEAM)
+    await install(bot, OTHER)
+    tokens = {team: slack.teams[team].bot_token for team in (TEAM, OTHER)}
+    exchanges = slack.calls_of("oauth.v2.access")
+    assert len(exchanges) == 2
+
+    # Tokens are stored sealed, never as they are.
+    async with bot.services.db.read() as session:
+        stored = " ".join(str(row) for row in (await session.execute(text("SELECT * FROM slack_bots"))).all())
+    assert tokens[TEAM] not in stored and "rbenc1:" in stored
+
+    url_a, secret_a = connection_from(await command(bot, TEAM, CHANNEL, ADMIN, "enable gate"), "webhook")
+    url_b, secret_b = connection_from(await command(bot, OTHER, OTHER_CHANNEL, OTHER_ADMIN, "enable gate"),
+                                      "webhook")
+    await bot.set_secret("TOKEN", "team-a-token", team=TEAM)
+
+    headers = {"Content-Type": "application/json"}
+    assert (await bot.post(url_a, b"{}", {**headers, "Authorization": f"Bearer {secret_b}"}))[0] == 401
+    assert (await bot.post(url_a, b'{"summary": "A"}', {**headers, "Authorization": f"Bearer {secret_a}"}))[0] == 202
+    assert (await bot.post(url_b, b'{"summary": "B"}', {**headers, "Authorization": f"Bearer {secret_b}"}))[0] == 202
+    card_a = await slack.wait_for(lambda: next(iter(slack.channel_messages(TEAM, CHANNEL)), None))
+    card_b = await slack.wait_for(lambda: next(iter(slack.channel_messages(OTHER, OTHER_CHANNEL)), None))
+    await bot.settle()
+    for call in slack.calls:
+        channel = call.args.get("channel")
+        if channel == CHANNEL:
+            assert call.token == tokens[TEAM], call
+        if channel == OTHER_CHANNEL:
+            assert call.token == tokens[OTHER], call
+
+    async with bot.services.db.read() as session:
+        run_a = (await session.execute(select(Run).where(Run.team_id == TEAM))).scalar_one()
+
+    # Workspace B's people cannot see or touch workspace A's run, by any door.
+    payload = slack.block_actions_payload(TEAM, CHANNEL, ALICE, card_a.ts, "approve")
+    payload["team"] = {"id": OTHER, "domain": "globex"}
+    payload["user"] = {"id": OTHER_ADMIN, "username": "gladys", "name": "gladys", "team_id": OTHER}
+    before = len(slack.responses)
+    await slack.send_to_bot(("payload=" + json.dumps(payload)).encode(), "application/x-www-form-urlencoded")
+    await slack.wait_for(lambda: len(slack.responses) > before)
+    assert slack.responses[before]["text"] == "This run does not exist in this workspace."
+    assert f"There is no run `{run_a.id}`" in await command(bot, OTHER, OTHER_CHANNEL, OTHER_ADMIN,
+                                                             f"status {run_a.id}")
+    assert f"There is no run `{run_a.id}`" in await command(bot, OTHER, OTHER_CHANNEL, OTHER_ADMIN,
+                                                             f"cancel {run_a.id}")
+    assert run_a.id not in await command(bot, OTHER, OTHER_CHANNEL, OTHER_ADMIN, "runs")
+    # B's run cannot read A's secret: it fails naming the secret as missing.
+    await slack.click(OTHER, OTHER_CHANNEL, OTHER_ADMIN, card_b.ts, "approve")
+    thread_b = await slack.wait_for(lambda: [m.text for m in slack.thread(OTHER, OTHER_CHANNEL, card_b.ts)
+                                             if "Run failed" in m.text] and
+                                    [m.text for m in slack.thread(OTHER, OTHER_CHANNEL, card_b.ts)])
+    assert any("the secret TOKEN is not set in this workspace" in line for line in thread_b)
+    assert "team-a-token" not in json.dumps([c.args for c in slack.calls])
+
+    # Uninstall A: its URL answers 404, its run is cancelled, its tokens are gone, its audit log stays.
+    status, _ = await slack.send_event(TEAM, {"type": "app_uninstalled", "event_ts": "1.0"})
+    assert status == 200
+    await slack.wait_for(lambda: True)
+    await bot.settle()
+    for _ in range(50):
+        if (await bot.post(url_a, b"{}", {**headers, "Authorization": f"Bearer {secret_a}"}))[0] == 404:
+            break
+        await slack.wait_for(lambda: True, timeout=0.1)
+    assert (await bot.post(url_a, b"{}", {**headers, "Authorization": f"Bearer {secret_a}"}))[0] == 404
+    assert await bot.services.installations.async_find_bot(enterprise_id=None, team_id=TEAM) is None
+    async with bot.services.db.read() as session:
+        run_a = (await session.execute(select(Run).where(Run.id == run_a.id))).scalar_one()
+        actions = [r.action for r in (await session.execute(
+            select(AuditRecord).where(AuditRecord.team_id == TEAM).order_by(AuditRecord.seq))).scalars()]
+    assert run_a.state == "cancelled"
+    assert actions[0] == "app.installed" and "app.uninstalled" in actions and "run.cancelled" in actions
+    assert (await bot.post(url_b, b'{"summary": "B2"}', {**headers, "Authorization": f"Bearer {secret_b}"}))[0] == 202
+
+    # Reinstall A: same URL and secret, same subscription.
+    await install(bot, TEAM)
+    bot.services.connections.forget()
+    status, _ = await bot.post(url_a, b'{"summary": "again"}', {**headers, "Authorization": f"Bearer {secret_a}"})
+    assert status == 202
+    await slack.wait_for(lambda: len(slack.channel_messages(TEAM, CHANNEL)) == 2)
+    assert ":large_green_circle: `gate`" in await command(bot, TEAM, CHANNEL, ADMIN, "list")
+
+
+async def approver_bot(make_bot, workflows, target):
+    write_workflow(workflows, "gate", GATE.replace("TARGET", target.url))
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command("enable gate"), "webhook")
+    await bot.set_secret("TOKEN", "t")
+    return bot, url, secret
+
+
+async def waiting_card(bot, url, secret, *, by_command: str | None = None):
+    if by_command:
+        await bot.command(by_command, user=by_command and ALICE)
+    else:
+        await bot.post(url, b"{}", {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
+    card = await bot.wait_card(lambda m: "approve" in buttons(m) and m.ts not in bot.seen)
+    bot.seen.add(card.ts)
+    return copy.deepcopy(card)
+
+
+async def test_approver_matrix(make_bot, workflows, target, slack):
+    bot, url, secret = await approver_bot(make_bot, workflows, target)
+    bot.seen = set()
+    slack.add_user(TEAM, "U0CAROL01", "carol")
+
+    card = await waiting_card(bot, url, secret)
+    assert "not one of the approvers" in await bot.click(card, "approve", user="U0CAROL01", snapshot=card)
+    assert "Guests, bots and deactivated accounts" in await bot.click(card, "approve", user=GUEST, snapshot=card)
+    assert await bot.click(card, "approve", user=BOB, snapshot=card) is None  # BOB is in @oncall
+    await bot.wait_thread(card, "Run succeeded")
+
+    card = await waiting_card(bot, url, secret)
+    slack.fail("usergroups.users.list", error="ratelimited", status=429, headers={"Retry-After": "1"})
+    refusal = await bot.click(card, "approve", user=BOB, snapshot=card)
+    assert refusal is not None and "could not check the approvers with Slack" in refusal
+    assert await bot.click(card, "approve", user=ALICE, snapshot=card) is None  # named user: no lookup needed
+    await bot.wait_thread(card, "Run succeeded")
+
+    card = await waiting_card(bot, url, secret, by_command="run gate")
+    assert "You started this run" in await bot.click(card, "approve", user=ALICE, snapshot=card)
+    assert await bot.click(card, "skip", user=BOB, snapshot=card) is None
+    await bot.wait_thread(card, "Run succeeded")
+    slack.teams[TEAM].users[BOB].deleted = True
+    card = await waiting_card(bot, url, secret)
+    assert "deactivated" in await bot.click(card, "approve", user=BOB, snapshot=card)
+
+
+async def test_approval_timeout_is_enforced_after_a_restart(make_bot, workflows, target, slack):
+    write_workflow(workflows, "gate", f"""
+        name: gate
+        on: webhook
+        steps:
+          - id: deploy
+            approval: {{timeout: 1500ms, on_timeout: fail}}
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """)
+    first = await make_bot()
+    url, secret = connection_from(await first.command("enable gate"), "webhook")
+    await first.post(url, b"{}", {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
+    card = await first.wait_card(lambda m: "approve" in buttons(m))
+    await first.stop()
+    second = await make_bot()
+    thread = await second.wait_thread(card, "Run failed", timeout=15)
+    assert any("timed out after waiting" in line for line in thread)
+    assert target.received == []
+
+
+async def test_cancel_by_approvers_and_admins_only(make_bot, workflows, target, slack):
+    bot, url, secret = await approver_bot(make_bot, workflows, target)
+    bot.seen = set()
+    slack.add_user(TEAM, "U0CAROL01", "carol")
+    card = await waiting_card(bot, url, secret)
+    async with bot.services.db.read() as session:
+        run = (await session.execute(select(Run))).scalar_one()
+    assert "Only admins and the approvers" in await bot.command(f"cancel {run.id}", user="U0CAROL01")
+    assert "is cancelled" in await bot.command(f"cancel {run.id}", user=BOB)
+    thread = await bot.wait_thread(card, "Run cancelled by <@U0BOB0001>")
+    assert thread
+    await bot.settle()
+    final = slack.message(TEAM, CHANNEL, card.ts)
+    assert buttons(final) == [] and "cancelled" in block_texts(final)
+    assert "has already ended" in await bot.command(f"cancel {run.id}")
+    assert "no longer waiting" in await bot.click(card, "approve", user=ALICE, snapshot=card)
+    assert target.received == []
+
+
+async def test_app_home_shows_waiting_runs_and_decides_from_the_tab(make_bot, workflows, target, slack):
+    bot, url, secret = await approver_bot(make_bot, workflows, target)
+    bot.seen = set()
+    card = await waiting_card(bot, url, secret)
+    await slack.send_event(TEAM, {"type": "app_home_opened", "user": ALICE, "tab": "home", "channel": "D1"})
+    view = await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(ALICE))
+    View(**view).validate_json()  # slack-sdk's own Block Kit checks
+    home_text = json.dumps(view)
+    assert "Waiting for your approval" in home_text and '"action_id": "approve"' in home_text
+    assert "`gate` in <#C0DEPLOYS>" in home_text
+    await slack.send_event(TEAM, {"type": "app_home_opened", "user": "U0CAROL01", "tab": "home"})
+    slack.add_user(TEAM, "U0CAROL01", "carol")
+    await slack.send_event(TEAM, {"type": "app_home_opened", "user": "U0CAROL01", "tab": "home"})
+    carol_view = await slack.wait_for(lambda: slack.teams[TEAM].home_views.get("U0CAROL01"))
+    assert "Nothing is waiting for you." in json.dumps(carol_view)
+
+    # A click on the Home tab's button: there is no response_url, the tab is refreshed instead.
+    actions_block = next(b for b in view["blocks"] if b.get("type") == "actions")
+    payload = {"type": "block_actions", "team": {"id": TEAM, "domain": "acme"},
+               "user": {"id": ALICE, "username": "alice", "name": "alice", "team_id": TEAM},
+               "container": {"type": "view", "view_id": "VHOME"}, "view": {"type": "home", "id": "VHOME"},
+               "trigger_id": "1.2.3", "api_app_id": "A0RELAYBOT", "token": "x",
+               "actions": [{"type": "button", "action_id": "approve", "block_id": actions_block["block_id"],
+                            "value": actions_block["elements"][0]["value"], "action_ts": "1.0"}]}
+    slack.teams[TEAM].home_views.pop(ALICE)
+    await slack.send_to_bot(("payload=" + json.dumps(payload)).encode(), "application/x-www-form-urlencoded")
+    await bot.wait_thread(card, "Run succeeded")
+    refreshed = await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(ALICE))
+    assert "Nothing is waiting for you." in json.dumps(refreshed)
