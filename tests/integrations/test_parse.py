@@ -261,3 +261,13 @@ def test_github_push_summaries():
 def test_github_without_event_header_is_400():
     with pytest.raises(BadPayload):
         GitHub().parse(request({"zen": "x"}))
+
+
+def test_github_default_card_names_the_repository_or_organization():
+    pr = GitHub().parse(request(corpus("github/pull_request/opened.payload.json"),
+                                **{"X-GitHub-Event": "pull_request"}))
+    assert GitHub().default_card(pr).fields == {"Repository": "Codertocat/Hello-World", "By": "Codertocat",
+                                                "Branch": "master"}
+    team = GitHub().parse(request(corpus("github/team/created.payload.json"), **{"X-GitHub-Event": "team"}))
+    assert team.summary == "Octocoders: team github created by Codertocat"
+    assert GitHub().default_card(team).fields == {"Organization": "Octocoders", "By": "Codertocat"}
