@@ -20,12 +20,12 @@ from bot.engine.intake import Intake
 from bot.engine.loader import Catalog
 from bot.engine.runner import Runner
 from bot.engine.worker import Engine
+from bot.errors import ConfigError
 from bot.hooks import WebhookDoor
 from bot.masking import LogMasker
 from bot.metrics import CONTENT_TYPE, Metrics
 from bot.services import Services
 from bot.settings import Settings
-from bot.errors import ConfigError
 from bot.slack.client import SlackApi, StaticToken, TeamPoster, TokenSource
 from bot.slack.installations import EncryptedInstallationStore, InstallationTokens
 from bot.slack.listeners import build_bolt_app

@@ -49,8 +49,8 @@ async def test_enable_checks_arguments_and_admin(make_bot, workflows, target):
     assert (await bot.command("enable nope")).startswith("There is no workflow named `nope`")
     assert "`oops` is not `key=value`" in await bot.command("enable deploy oops")
     assert "has no parameter `color`" in await bot.command("enable deploy color=red")
-    assert ("`env=prod` is not allowed for `deploy`: choose one of `staging`, `production`."
-            == await bot.command("enable deploy env=prod"))
+    assert (await bot.command("enable deploy env=prod")
+            == "`env=prod` is not allowed for `deploy`: choose one of `staging`, `production`.")
     assert "Which workflow?" in await bot.command("enable")
     refusal = await bot.command("enable deploy", user=ALICE)
     assert refusal == "Only workspace admins and owners (or the users in RELAYBOT_ADMINS) can enable workflows."

@@ -6,14 +6,13 @@ values into the result and never parses them again, so event data stays data how
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-
-import functools
-from collections.abc import Callable
 
 import cel
 import cel.stdlib

@@ -341,8 +341,9 @@ class Runner:
             where = ".".join(str(part) for part in error["loc"])
             return Outcome(error=masker.text(f"input {where}: {error['msg']}"))
         timeout = compiled.model.timeout.total_seconds()
-        ctx = ActionContext(http=self.http, slack=self.slack_poster(team_id), idempotency_key=f"{run_id}:{plan.step_id}",
-                            channel=channel_id, thread_ts=card_ts, timeout=timeout, base_urls=self.base_urls)
+        ctx = ActionContext(http=self.http, slack=self.slack_poster(team_id),
+                            idempotency_key=f"{run_id}:{plan.step_id}", channel=channel_id, thread_ts=card_ts,
+                            timeout=timeout, base_urls=self.base_urls)
         started = time.monotonic()
         renewer = asyncio.create_task(self._renew_lease(run_id))
         try:

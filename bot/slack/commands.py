@@ -21,8 +21,8 @@ from bot.errors import NotAllowed, NotFound, UserError
 from bot.ids import new_connection_id, new_webhook_secret, normalize_run_id
 from bot.services import Services
 from bot.slack import messages
-from bot.slack.people import LookupFailed
 from bot.slack import secrets as secret_commands
+from bot.slack.people import LookupFailed
 from bot.store.inbox import NewEvent
 from bot.store.models import Connection, Run, Step, Subscription, Workspace
 from integrations.registry import INTEGRATIONS
@@ -170,7 +170,8 @@ async def cmd_list(services: Services, command: Command, words: list[str]) -> st
         enabled = set((await session.execute(select(Subscription.workflow).where(
             Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id))).scalars())
     lines = [messages.catalog_line(name=workflow.name, title=workflow.title, description=workflow.model.description,
-                                   triggers=list(dict.fromkeys([*workflow.triggers, "command"])), enabled_here=workflow.name in enabled)
+                                   triggers=list(dict.fromkeys([*workflow.triggers, "command"])),
+                                   enabled_here=workflow.name in enabled)
              for workflow in services.catalog]
     return "\n".join([*lines, "", messages.LIST_FOOTER.format(command=command.name)])
 
@@ -240,7 +241,8 @@ async def cmd_run(services: Services, command: Command, words: list[str]) -> str
     delivery = command.trigger_id or uuid.uuid4().hex
     run_id = await services.intake.start_now(NewEvent(
         team_id=command.team_id, source="command", delivery_id=f"command:{delivery}", kind="command",
-        payload=event_data, received_at=datetime.now(UTC), summary=f"/relay run by {command.user_name or command.user_id}",
+        payload=event_data, received_at=datetime.now(UTC),
+        summary=f"{command.name} run by {command.user_name or command.user_id}",
         headers={"user_name": command.user_name or ""}, event_name="command", target_workflow=workflow.name,
         target_channel=command.channel_id, started_by=command.user_id))
     services.wake()
@@ -305,7 +307,7 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
 
     lines = [f"`{run.id}` {messages.STATUS_TEXT.get(run.state, run.state)} · `{run.workflow}` · "
              f"{messages.escape(run.card.get('summary') or run.title)} · "
-             f"<!date^{int(run.created_at.timestamp())}^{{date_short_pretty}} {{time}}|{run.created_at:%Y-%m-%d %H:%M}> · "
+             f"{messages.slack_date(run.created_at)} · "
              f"<{run_url(run)}|thread>" for run in runs]
     return "*Latest runs here*\n" + "\n".join(lines)
 

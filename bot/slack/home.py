@@ -34,8 +34,7 @@ MAX_ENABLED = 25
 
 
 def _when(run: Run) -> str:
-    stamp = int(run.created_at.timestamp())
-    return f"<!date^{stamp}^{{date_short_pretty}} {{time}}|{run.created_at:%Y-%m-%d %H:%M} UTC>"
+    return messages.slack_date(run.created_at)
 
 
 async def _may_approve(services: Services, team_id: str, user_id: str, run: Run, step: Step) -> bool:

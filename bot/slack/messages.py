@@ -7,7 +7,7 @@ into a message, so a branch named `<!channel>` cannot ping a channel.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 
@@ -37,6 +37,12 @@ def duration(seconds: float | None) -> str:
 
 def span(delta: timedelta) -> str:
     return duration(delta.total_seconds())
+
+
+def slack_date(moment: datetime) -> str:
+    """A date every reader sees in their own time zone (with a UTC fallback for old clients)."""
+    stamp = int(moment.timestamp())
+    return f"<!date^{stamp}^{{date_short_pretty}} {{time}}|{moment:%Y-%m-%d %H:%M} UTC>"
 
 
 def short_result(outputs: dict[str, Any] | None) -> str:
@@ -79,8 +85,11 @@ def thread_step_approved(*, title: str, user_id: str, name: str | None) -> str:
     return f":white_check_mark: {step_name(title)} approved by {user(user_id, name)}."
 
 
+SKIP_ICON = ":black_right_pointing_double_triangle_with_vertical_bar:"
+
+
 def thread_step_skipped_by(*, title: str, user_id: str, name: str | None) -> str:
-    return f":black_right_pointing_double_triangle_with_vertical_bar: {step_name(title)} skipped by {user(user_id, name)}."
+    return f"{SKIP_ICON} {step_name(title)} skipped by {user(user_id, name)}."
 
 
 def thread_step_skipped(*, title: str, reason: str) -> str:
@@ -93,7 +102,8 @@ def thread_step_started(*, title: str, attempt: int, attempts: int) -> str:
 
 
 def thread_step_finished(*, title: str, outcome: str, seconds: float | None, result: str) -> str:
-    icon = {"succeeded": ":heavy_check_mark:", "failed": ":x:", "timed_out": ":hourglass:"}.get(outcome, ":grey_question:")
+    icons = {"succeeded": ":heavy_check_mark:", "failed": ":x:", "timed_out": ":hourglass:"}
+    icon = icons.get(outcome, ":grey_question:")
     tail = f": {result}" if result else "."
     return f"{icon} {step_name(title)} {outcome.replace('_', ' ')} in {duration(seconds)}{tail}"
 

@@ -92,7 +92,7 @@ class Inbox:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (event, future), result in zip(batch, results, strict=True):
+            for (_event, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
