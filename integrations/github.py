@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from integrations.apicall import OutputT, call_api, json_object, output_from
 from integrations.base import (
@@ -96,9 +96,18 @@ def _outputs(model: type[OutputT], response: HttpResponse, path: str, **names: s
     return output_from(model, values, service="GitHub", path=path)
 
 
+def path_segments(value: str) -> str:
+    """Refuse `.` and `..` as a name: put in an API path, they would step out of it."""
+    if any(part in (".", "..") for part in value.split("/")):
+        raise ValueError(f"{value!r} is not a name")
+    return value
+
+
 class RepoInput(ActionInput):
     repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="owner/name")
-    token: str = Field(description="a token allowed to act on the repository")
+    token: str = Field(min_length=1, description="a token allowed to act on the repository")
+
+    _repo_segments = field_validator("repo")(path_segments)
 
 
 class CommentInput(RepoInput):
@@ -188,7 +197,9 @@ def _input_text(value: Any) -> str:
 
 
 class DispatchInput(RepoInput):
-    workflow: str = Field(description="workflow file name (deploy.yml) or id")
+    workflow: str = Field(pattern=r"^[\w.-]+$", description="workflow file name (deploy.yml) or id")
+
+    _workflow_segment = field_validator("workflow")(path_segments)
     ref: str = "main"
     inputs: dict[str, Any] = {}
 

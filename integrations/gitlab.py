@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from integrations.apicall import call_api, json_object, output_from
 from integrations.base import (
@@ -192,6 +192,14 @@ class CommentInput(ActionInput):
     issue: int | None = Field(default=None, ge=1, description="issue iid (#number)")
     body: str = Field(min_length=1, description="the comment (Markdown)")
     token: str = Field(min_length=1, description="an access token with the api scope")
+
+    @field_validator("project")
+    @classmethod
+    def _no_dot_segments(cls, project: str) -> str:
+        # Dots are not encoded in a URL path: `..` would step out of /projects/.
+        if any(part in (".", "..") for part in project.split("/")):
+            raise ValueError(f"{project!r} is not a project id or path")
+        return project
 
     @model_validator(mode="after")
     def _one_target(self) -> CommentInput:

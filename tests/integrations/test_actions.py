@@ -88,6 +88,11 @@ async def test_github_errors_name_the_call_and_say_whether_to_retry(http, github
         await run(GitHubComment(), inputs, ctx)
     assert refused.value.message == "GitHub answered 401 to POST /repos/acme/api/issues/1/comments: Bad credentials"
     assert refused.value.retryable is False
+    for bad in ({"repo": "../users"}, {"repo": "acme/.."}, {"repo": "acme/api/issues"}):
+        with pytest.raises(ValidationError):
+            GitHubComment.Input.model_validate({**inputs, **bad})
+    with pytest.raises(ValidationError):
+        DispatchWorkflow.Input.model_validate({"repo": "a/b", "workflow": "..", "token": "t"})
     github_api.fail_next.append(502)
     with pytest.raises(ActionFailed) as broken:
         await run(GitHubComment(), {**inputs, "token": GITHUB_TOKEN}, ctx)
@@ -127,6 +132,9 @@ async def test_gitlab_comment_inputs_and_errors(http, gitlab_api):
     with pytest.raises(ValidationError, match="either merge_request or issue"):
         GitLabComment.Input.model_validate({"project": "a/b", "merge_request": 1, "issue": 2, "body": "x",
                                             "token": "t"})
+    for project in ("..", "group/../../users", "./x"):
+        with pytest.raises(ValidationError, match="not a project id or path"):
+            GitLabComment.Input.model_validate({"project": project, "issue": 1, "body": "x", "token": "t"})
     ctx = action_context(http, gitlab=gitlab_api.url)
     with pytest.raises(ActionFailed) as refused:
         await run(GitLabComment(), {"project": "a/b", "issue": 1, "body": "x", "token": "nope"}, ctx)
