@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from integrations.base import ActionFailed
 from integrations.http import Request
 from integrations.httpclient import BlockedAddress, HttpClient, ResponseTooLarge, is_blocked_ip
-from tests.conftest import TEAM, block_texts, write_workflow
+from tests.conftest import TEAM, block_texts, free_socket, write_workflow
 from tests.fakes.http_target import HttpTarget, Reply
 from tests.integrations.conftest import action_context
 
@@ -239,3 +239,17 @@ async def test_a_step_calling_the_metadata_address_fails_with_the_refusal_in_the
     await bot.settle()
     final = bot.slack.message(TEAM, card.channel, card.ts)
     assert final is not None and "failed" in block_texts(final)
+
+
+async def test_a_connection_failure_is_a_retryable_step_failure(http):
+    sock = free_socket()  # bound, never listening: connections are refused
+    port = sock.getsockname()[1]
+    try:
+        with pytest.raises(ActionFailed) as failed:
+            await Request().run(Request.Input.model_validate({"url": f"http://127.0.0.1:{port}/x?token=abc"}),
+                                action_context(http))
+    finally:
+        sock.close()
+    assert failed.value.message.startswith(f"GET http://127.0.0.1:{port}/x failed: ")
+    assert "token=abc" not in failed.value.message  # a query string may carry credentials
+    assert failed.value.retryable is True
