@@ -28,7 +28,7 @@ from bot.engine.cards import render_card
 from bot.engine.context import expression_context
 from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
 from bot.errors import DecryptionError, ExpressionError, reference_id
-from bot.masking import LogMasker, Masker
+from bot.masking import LogMasker, MaskedSlackPoster, Masker
 from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
@@ -341,7 +341,7 @@ class Runner:
             where = ".".join(str(part) for part in error["loc"])
             return Outcome(error=masker.text(f"input {where}: {error['msg']}"))
         timeout = compiled.model.timeout.total_seconds()
-        ctx = ActionContext(http=self.http, slack=self.slack_poster(team_id),
+        ctx = ActionContext(http=self.http, slack=MaskedSlackPoster(self.slack_poster(team_id), masker),
                             idempotency_key=f"{run_id}:{plan.step_id}", channel=channel_id, thread_ts=card_ts,
                             timeout=timeout, base_urls=self.base_urls)
         started = time.monotonic()
