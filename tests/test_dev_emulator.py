@@ -219,6 +219,26 @@ async def test_a_modal_opens_and_its_submission_is_a_signed_view_submission(page
         assert secret.name == "DEPLOY_TOKEN" and b"s3cret-value" not in secret.ciphertext
 
 
+async def test_a_tool_that_makes_its_own_secret_signs_with_it_once_pasted_into_the_form(page):
+    state = await page.state()
+    pagerduty = next(item for item in state["integrations"] if item["name"] == "pagerduty")
+    own = pagerduty["tool_secret"]
+    assert own and pagerduty["connection"] is None
+    assert (await page.state())["integrations"] == state["integrations"], "the tool keeps one secret"
+
+    await page.type("/relay connect pagerduty set-secret")
+    modal = await page.wait(lambda state: state["modal"])
+    [field] = [block for block in modal["view"]["blocks"] if block["type"] == "input"]
+    status, answer = await page.post("view/submit", {"view_id": modal["view"]["id"], "values": {
+        field["block_id"]: {field["element"]["action_id"]: own}}})
+    assert status == 200 and answer["response_action"] is None
+    state = await page.wait(lambda state: next((item for item in state["integrations"] if item["name"] == "pagerduty"
+                                                and item["connection"] and item["connection"]["url"]), None))
+    assert state["connection"]["has_secret"]
+    status, answer = await page.post("event", {"integration": "pagerduty", "example": "incident.triggered"})
+    assert answer["status"] == 202, answer
+
+
 async def test_the_home_tab_shows_what_the_app_published(page):
     assert (await page.state())["home"] is None
     emulator = page.server.emulator
@@ -239,7 +259,7 @@ async def test_a_restart_keeps_the_conversation_and_the_connections(tmp_path, pa
     directory = tmp_path / ".relaybot-dev"
     await page.server.stop()
     saved = json.loads((directory / "slack.json").read_text())
-    assert saved["connections"][dev.TEAM_ID]["github"]["secret"].startswith("whsec_")
+    assert saved["connections"]["known"][dev.TEAM_ID]["github"]["secret"].startswith("whsec_")
 
     settings = Settings(workflows_dir=tmp_path / "workflows", worker_poll_interval=0.2, lease_seconds=5)
     keys = dev.ensure_master_key(directory / "master.key")

@@ -3,11 +3,17 @@
 The emulator plays the tools too ("send event"), so it reads the connection URL and the secret from the
 ephemeral replies of `/relay enable` and `/relay connect`, exactly as a person reads them. It never asks the
 bot's database: a connection whose secret it has not seen needs `/relay connect <integration> rotate`.
+
+Some tools make the signing secret themselves (PagerDuty): the emulated tool has one of its own, shown on the
+page, and when the person pastes it into relaybot's form (`/relay connect <integration> set-secret`) and the
+form is accepted, the tool signs with it from then on.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
+import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +50,7 @@ class ConnectionBook:
 
     def __init__(self) -> None:
         self.by_team: dict[str, dict[str, KnownConnection]] = {}
+        self.tool_secrets: dict[str, dict[str, str]] = {}  # team → integration → the tool's own secret
 
     def learn(self, team_id: str, text: str | None) -> list[KnownConnection]:
         learned = read_connections(text or "")
@@ -51,7 +58,7 @@ class ConnectionBook:
             known = self.by_team.setdefault(team_id, {})
             previous = known.get(connection.integration)
             if (connection.secret is None and previous is not None
-                    and previous.connection_id == connection.connection_id):
+                    and previous.connection_id in (connection.connection_id, "")):
                 connection.secret = previous.secret  # "the secret was shown before": keep the one we saw
             known[connection.integration] = connection
         return learned
@@ -62,10 +69,28 @@ class ConnectionBook:
     def for_team(self, team_id: str) -> dict[str, KnownConnection]:
         return dict(self.by_team.get(team_id, {}))
 
-    def to_data(self) -> dict[str, Any]:
-        return {team: {name: asdict(known) for name, known in connections.items()}
-                for team, connections in self.by_team.items()}
+    def tool_secret(self, team_id: str, integration: str) -> str:
+        """The secret a tool that makes its own would show when its webhook is set up (made on first use)."""
+        return self.tool_secrets.setdefault(team_id, {}).setdefault(integration, secrets.token_urlsafe(36))
 
-    def load_data(self, data: dict[str, Any]) -> None:
+    def adopt_pasted(self, team_id: str, value: str) -> str | None:
+        """A form relaybot accepted held a tool's own secret: that tool signs with it now. Its integration."""
+        for integration, own in self.tool_secrets.get(team_id, {}).items():
+            if hmac.compare_digest(value.strip().encode(), own.encode()):
+                previous = self.get(team_id, integration)
+                self.by_team.setdefault(team_id, {})[integration] = KnownConnection(
+                    integration=integration, connection_id=previous.connection_id if previous else "",
+                    url=previous.url if previous else "", secret=own)
+                return integration
+        return None
+
+    def to_data(self) -> dict[str, Any]:
+        return {"known": {team: {name: asdict(known) for name, known in connections.items()}
+                          for team, connections in self.by_team.items()},
+                "tool_secrets": self.tool_secrets}
+
+    def load_data(self, data: dict[str, Any], *, teams: set[str]) -> None:
         self.by_team = {team: {name: KnownConnection(**known) for name, known in connections.items()}
-                        for team, connections in data.items()}
+                        for team, connections in (data.get("known") or {}).items() if team in teams}
+        self.tool_secrets = {team: dict(own) for team, own in (data.get("tool_secrets") or {}).items()
+                             if team in teams}

@@ -21,7 +21,7 @@ from typing import Any
 from bot.emulator.webapi import Message, SlackEmulator
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 
 
 def snapshot(emulator: SlackEmulator) -> dict[str, Any]:
@@ -51,8 +51,7 @@ def restore(emulator: SlackEmulator, data: dict[str, Any]) -> None:
         team.ephemeral = list(saved.get("ephemeral") or [])
         team.home_views = dict(saved.get("home_views") or {})
         team.modals = dict(saved.get("modals") or {})
-    emulator.connections.load_data({team: known for team, known in (data.get("connections") or {}).items()
-                                    if team in emulator.teams})
+    emulator.connections.load_data(data.get("connections") or {}, teams=set(emulator.teams))
 
 
 def _write_atomically(path: Path, text: str) -> None:

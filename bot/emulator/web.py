@@ -129,6 +129,8 @@ class DevPage:
         known = self.emulator.connections.for_team(team.id)
         integrations = [{"name": name, "title": cls.title, "examples": [e.name for e in examples.get(name, [])],
                          "can_sign": name in senders.SIGNERS,
+                         "tool_secret": (self.emulator.connections.tool_secret(team.id, name)
+                                         if cls.secret_generated_by_tool else None),
                          "connection": ({"url": known[name].url, "has_secret": bool(known[name].secret)}
                                         if name in known else None)}
                         for name, cls in sorted(INTEGRATIONS.items()) if cls.receives_webhooks]

@@ -631,6 +631,11 @@ class SlackEmulator:
                     other["open"] = False
         else:
             modal["open"] = False
+        if status == 200 and action != "errors":
+            # The person may have pasted a tool's own signing secret into the form (PagerDuty's set-secret).
+            for typed in (value for inputs in values.values() for value in inputs.values()):
+                if isinstance(typed, str) and typed.strip():
+                    self.connections.adopt_pasted(team_id, typed)
         self._notify("view_submission", {"view_id": view_id, "status": status, "response_action": action})
         return {"status": status, "response_action": action, "errors": modal.get("errors") or {}}
 

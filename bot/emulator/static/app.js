@@ -272,6 +272,11 @@ function renderEventPanel() {
   } else {
     note.innerHTML = `Signed as ${escapeHtml(integration.title)} signs, sent to <code>${escapeHtml(integration.connection.url)}</code>.`;
   }
+  if (integration && integration.tool_secret) {
+    note.innerHTML += `<br>${escapeHtml(integration.title)} makes its own signing secret; the emulated one is `
+      + `<code data-testid="tool-secret">${escapeHtml(integration.tool_secret)}</code>. Paste it into `
+      + `<code>${escapeHtml(state.command)} connect ${escapeHtml(integration.name)} set-secret</code> and it signs with it.`;
+  }
 }
 
 function fillExamples() {
