@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from bot.engine.loader import Catalog
 from bot.engine.runner import Runner
 from bot.engine.worker import Engine
 from bot.errors import ConfigError
-from bot.hooks import WebhookDoor
+from bot.hooks import ConnectionCache, WebhookDoor
+from bot.housekeeping import Housekeeping
 from bot.masking import LogMasker
 from bot.metrics import CONTENT_TYPE, Metrics
 from bot.services import Services
@@ -54,9 +56,6 @@ def process_owner() -> str:
 def build_services(settings: Settings, *, catalog: Catalog | None = None, log_masker: LogMasker | None = None,
                    key_file: Path | None = None, http: HttpClient | None = None) -> Services:
     """Everything the doors need; nothing is started or connected yet."""
-    from datetime import timedelta
-
-    from bot.hooks import ConnectionCache
 
     db = Database(settings.database_url)
     catalog = catalog if catalog is not None else Catalog.load([settings.workflows_dir])
@@ -92,6 +91,8 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
                         people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,
                         engine=engine, outbox=outbox, log_masker=log_masker, connections=ConnectionCache(),
                         http=http, installations=installations)
+    services.housekeeping = Housekeeping(db=db, owner=owner, audit_channel=settings.audit_channel,
+                                         retention=timedelta(days=settings.retention_days), on_posted=outbox.wake)
     return services
 
 
@@ -141,10 +142,15 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
         if run_workers:
             await services.engine.start()
             await services.outbox.start()
+            if services.housekeeping is not None:
+                await services.housekeeping.start()
         log.info("relaybot ready: %d workflows, database %s", len(services.catalog), services.db.dialect)
         yield
         if run_workers:
             await services.engine.stop()
+            if services.housekeeping is not None:
+                await services.housekeeping.stop()
+            await services.outbox.drain(timeout=3.0)
             await services.outbox.stop()
         await services.inbox.close()
         await services.http.close()

@@ -9,6 +9,7 @@ from bot.engine.intake import Intake
 from bot.engine.loader import Catalog
 from bot.engine.worker import Engine
 from bot.hooks import ConnectionCache
+from bot.housekeeping import Housekeeping
 from bot.masking import LogMasker
 from bot.metrics import Metrics
 from bot.settings import Settings
@@ -38,6 +39,7 @@ class Services:
     connections: ConnectionCache
     http: HttpClient
     installations: EncryptedInstallationStore | None = None
+    housekeeping: Housekeeping | None = None
 
     def wake(self) -> None:
         """New work was committed: let the engine and the outbox look now rather than at their next poll."""

@@ -328,6 +328,13 @@ class Outbox:
             except Exception:
                 log.exception("could not tell anyone that lane %s is undeliverable", lane)
 
+    async def drain(self, timeout: float) -> None:
+        """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not await self.idle():
+            await self.tick()
+            await asyncio.sleep(0.05)
+
     async def idle(self) -> bool:
         if self._active:
             return False

@@ -144,6 +144,8 @@ class Event(Base):
     started_by: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime]
     processed_at: Mapped[datetime | None]
+    # Set when retention removed the payload (RELAYBOT_RETENTION_DAYS); the row stays for deduplication.
+    pruned_at: Mapped[datetime | None]
     __table_args__ = (
         UniqueConstraint("team_id", "source", "delivery_id"),
         Index("ix_events_pending", "processed_at", "id"),
@@ -214,6 +216,16 @@ class Step(Base):
     finished_at: Mapped[datetime | None]
     duration_ms: Mapped[int | None]
     __table_args__ = (UniqueConstraint("run_id", "step_id"), Index("ix_steps_run", "run_id", "position"))
+
+
+class PeriodicJob(Base):
+    """When a periodic job (audit checkpoint, retention) last ran, so several processes run it once."""
+
+    __tablename__ = "periodic_jobs"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_run_at: Mapped[datetime | None]
+    running_until: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditHead(Base):
