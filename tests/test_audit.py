@@ -21,7 +21,7 @@ from bot import audit
 from bot.housekeeping import claim, prune
 from bot.store.db import Database
 from bot.store.models import AuditRecord, Event, PeriodicJob, Run, Step
-from tests.conftest import ALICE, BOB, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ALICE, BOB, TEAM, buttons, connection_from, write_workflow
 
 GATE = """
 name: gate
@@ -86,7 +86,7 @@ async def test_verify_passes_then_finds_every_kind_of_tampering(make_bot, workfl
                        "UPDATE audit_records SET seq = 4 WHERE seq = 9",
                        "UPDATE audit_records SET seq = 9 WHERE seq = -1")
     assert swapped.returncode == 1 and "record 4:" in swapped.stdout
-    inserted = tampered("inserted", f"UPDATE audit_records SET seq = seq + 1000 WHERE seq >= 6",
+    inserted = tampered("inserted", "UPDATE audit_records SET seq = seq + 1000 WHERE seq >= 6",
                         "UPDATE audit_records SET seq = seq - 999 WHERE seq >= 1006",
                         "INSERT INTO audit_records (team_id, seq, at, actor, actor_name, action, run_id, workflow, "
                         "workflow_hash, step, outcome, reason, details, prev_hash, hash) SELECT team_id, 6, at, "
