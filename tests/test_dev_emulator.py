@@ -249,8 +249,11 @@ async def test_the_home_tab_shows_what_the_app_published(page):
         assert (await response.json())["ok"] is True
     assert (await page.state())["home"]["blocks"] == view["blocks"]
     assert (await page.state(user=ALICE))["home"] is None
-    status, answer = await page.post("home", {})
-    assert status == 200 and answer["ok"]  # app_home_opened was sent, signed (Bolt answers whatever it answers)
+    # Opening the tab sends the bot a signed `app_home_opened`; relaybot answers by publishing alice's Home.
+    status, answer = await page.post("home", {"user": ALICE})
+    assert status == 200 and answer["status"] == 200
+    home = await page.wait(lambda state: state["home"], user=ALICE)
+    assert home["type"] == "home" and home["blocks"]
 
 
 async def test_a_restart_keeps_the_conversation_and_the_connections(tmp_path, page):

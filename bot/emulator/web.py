@@ -249,7 +249,7 @@ class DevPage:
         data = await self._json(request)
         team = self._team(request, data)
         user = self._user(team, data)
-        values = data.get("values") if isinstance(data.get("values"), dict) else {}
+        values: dict[str, dict[str, Any]] = data["values"] if isinstance(data.get("values"), dict) else {}
         try:
             result = await self.emulator.submit_view(team.id, user, str(data.get("view_id") or ""), values)
         except KeyError as exc:

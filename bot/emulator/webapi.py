@@ -1,9 +1,13 @@
 """A Slack-compatible Web API on a local port: the methods relaybot calls, with Slack's answers and errors.
 
-It keeps workspaces, users, user groups, channels, messages, threads, ephemeral replies and views, records
-every call, and can be told to fail (429 with Retry-After, 5xx, an error name). It talks to the bot only as
-Slack does: the bot calls its Web API, and it sends the bot signed requests (`slash_command`, `click`) at
-`/slack/events`. `relaybot dev` serves a web page on top of it; the tests use it as their fake Slack.
+It keeps workspaces, users, user groups, channels, messages, threads, ephemeral replies and views (modals with
+their stack, Home tabs), records every call, and can be told to fail (429 with Retry-After, 5xx, an error
+name). It talks to the bot only as Slack does: the bot calls its Web API, and it sends the bot signed requests
+at `/slack/events` (`slash_command`, `click`, `submit_view`, `close_view`, `open_home`, `send_event`). It
+also plays the tools: `deliver_webhook` signs an event as GitHub, GitLab, PagerDuty, Alertmanager or a
+Standard Webhooks sender would and POSTs it to the connection URL read from the bot's replies
+(`bot.emulator.connections`). `relaybot dev` serves a web page on top of it (`bot.emulator.web`); the tests
+use it as their fake Slack.
 """
 
 from __future__ import annotations
@@ -282,7 +286,7 @@ class SlackEmulator:
         return None
 
     def _m_chat_postMessage(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
-        channel = args.get("channel")
+        channel = str(args.get("channel") or "")
         error = self._channel_error(team, channel)
         if error:
             return {"ok": False, "error": error}
@@ -683,8 +687,8 @@ class SlackEmulator:
 
     async def open_home(self, team_id: str, user: str) -> tuple[int, str]:
         """The user opens the app's Home tab: Slack sends `app_home_opened`."""
-        event = {"type": "app_home_opened", "user": user, "channel": "D" + user[1:], "tab": "home",
-                 "event_ts": f"{time.time():.6f}"}
+        event: dict[str, Any] = {"type": "app_home_opened", "user": user, "channel": "D" + user[1:], "tab": "home",
+                                 "event_ts": f"{time.time():.6f}"}
         if user in self.teams[team_id].home_views:
             event["view"] = self.teams[team_id].home_views[user]
         return await self.send_event(team_id, event)
