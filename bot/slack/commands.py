@@ -258,7 +258,12 @@ async def _connection_reply(services: Services, command: Command, integration: s
         url = connection_url(services, connection_id)
         hint = integration_class().setup_hint(url=url)
         if not rotate:
+            if integration_class.secret_generated_by_tool:
+                return messages.connection_tool_secret(integration=integration, url=url, hint=hint,
+                                                       command=command.name, new=False)
             return messages.connection_existing(integration=integration, url=url, hint=hint)
+        if integration_class.secret_generated_by_tool:
+            raise UserError(messages.TOOL_SECRET_NO_ROTATE.format(integration=integration, command=command.name))
         secret = new_webhook_secret()
         async with services.db.write() as session:
             row = await session.get(Connection, connection_id)
@@ -272,6 +277,10 @@ async def _connection_reply(services: Services, command: Command, integration: s
         services.forget_connection(connection_id)
         return messages.connection_rotated(integration=integration, url=url, secret=secret)
     url = connection_url(services, connection.id)
+    if integration_class.secret_generated_by_tool:
+        # The secret generated here is never shown: until the tool's own is pasted in, nothing verifies.
+        return messages.connection_tool_secret(integration=integration, url=url, command=command.name, new=True,
+                                               hint=integration_class().setup_hint(url=url))
     return messages.connection_created(integration=integration, url=url, secret=secret,
                                        hint=integration_class().setup_hint(url=url))
 

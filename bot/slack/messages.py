@@ -238,6 +238,16 @@ def connection_existing(*, integration: str, url: str, hint: str) -> str:
             f"created; `/relay connect {integration} rotate` issues a new one._\n{hint}")
 
 
+def connection_tool_secret(*, integration: str, url: str, hint: str, command: str, new: bool) -> str:
+    head = f":link: New *{integration}* connection." if new else f":link: *{integration}* connection."
+    return (f"{head}\nURL: `{url}`\n{integration} generates the signing secret itself: add the webhook there with "
+            f"this URL, then paste its secret with `{command} connect {integration} set-secret`.\n{hint}")
+
+
+TOOL_SECRET_NO_ROTATE = ("{integration} generates its signing secret itself: rotate it there, then paste the new "
+                         "one with `{command} connect {integration} set-secret`.")
+
+
 def connection_rotated(*, integration: str, url: str, secret: str) -> str:
     return (f":arrows_counterclockwise: New secret for the *{integration}* connection: `{secret}`\n"
             f"URL (unchanged): `{url}`\n_Shown this once; the old secret no longer works._")

@@ -95,3 +95,36 @@ async def alertmanager_api() -> AsyncIterator[FakeAlertmanager]:
 
 def action_context(http: HttpClient, **base_urls: str) -> ActionContext:
     return ActionContext(http=http, slack=None, idempotency_key="run-1:step", timeout=5.0, base_urls=base_urls)
+
+
+TOOL_SECRET = "pd-generated-signing-secret-0123456789abcdef"
+
+
+async def paste_tool_secret(bot: Any, integration: str, secret: str = TOOL_SECRET) -> str:
+    """`/relay connect <integration> set-secret` and the tool's own secret pasted into the form (PagerDuty)."""
+    from tests.conftest import ADMIN, CHANNEL, TEAM
+
+    status, _ = await bot.slack.slash_command(TEAM, CHANNEL, ADMIN, f"connect {integration} set-secret")
+    assert status == 200
+    modal = await bot.slack.wait_for(lambda: bot.slack.open_modal(TEAM, ADMIN))
+    before = len(bot.slack.teams[TEAM].ephemeral)
+    await bot.slack.submit_view(TEAM, ADMIN, modal["view"]["id"], {"secret_value": {"value": secret}})
+    await bot.slack.wait_for(lambda: len(bot.slack.teams[TEAM].ephemeral) > before)
+    bot.services.connections.forget()
+    return secret
+
+
+async def enable_and_connect(bot: Any, workflow: str) -> tuple[str, str]:
+    """Enable a workflow; (URL, secret) of its connection, pasting a tool-generated secret where needed."""
+    import re
+
+    reply = await bot.command(f"enable {workflow}")
+    assert f"`{workflow}` enabled" in reply, reply
+    url = re.search(r"URL: `([^`]+)`", reply)
+    assert url, reply
+    secret = re.search(r"Secret: `([^`]+)`", reply)
+    if secret:
+        return url.group(1), secret.group(1)
+    integration = re.search(r"`/relay connect (\w+) set-secret`", reply)
+    assert integration, reply
+    return url.group(1), await paste_tool_secret(bot, integration.group(1))

@@ -14,7 +14,13 @@ from sqlalchemy import func, select
 from bot.emulator.webapi import Message
 from bot.store.models import Event, Run
 from tests.conftest import CORPORA, block_texts, github_headers, write_workflow
-from tests.integrations.conftest import alertmanager_headers, dumps, gitlab_headers, pagerduty_headers
+from tests.integrations.conftest import (
+    alertmanager_headers,
+    dumps,
+    enable_and_connect,
+    gitlab_headers,
+    pagerduty_headers,
+)
 
 GITHUB_FILES = sorted((CORPORA / "github").rglob("*.json"))
 GITLAB_FILES = sorted((CORPORA / "gitlab").glob("*.json"))
@@ -57,12 +63,7 @@ def delivery_of(card: Message) -> str:
 
 
 async def enable(bot: Any, workflow: str) -> tuple[str, str]:
-    reply = await bot.command(f"enable {workflow}")
-    assert f"`{workflow}` enabled" in reply, reply
-    url = re.search(r"URL: `([^`]+)`", reply)
-    secret = re.search(r"Secret: `([^`]+)`", reply)
-    assert url and secret, reply
-    return url.group(1), secret.group(1)
+    return await enable_and_connect(bot, workflow)
 
 
 async def cards_by_delivery(bot: Any, expected: int, timeout: float) -> dict[str, Message]:

@@ -28,8 +28,9 @@ async def events(bot) -> int:
 
 
 async def enable(bot, name: str) -> tuple[str, str]:
-    reply = await bot.command(f"enable {name}")
-    return reply.split("URL: `")[1].split("`")[0], reply.split("Secret: `")[1].split("`")[0]
+    from tests.integrations.conftest import enable_and_connect
+
+    return await enable_and_connect(bot, name)
 
 
 async def test_a_gitlab_redelivery_starts_one_run(make_bot, workflows):
