@@ -263,7 +263,8 @@ async def _connection_reply(services: Services, command: Command, integration: s
                                                        command=command.name, new=False)
             return messages.connection_existing(integration=integration, url=url, hint=hint)
         if integration_class.secret_generated_by_tool:
-            raise UserError(messages.TOOL_SECRET_NO_ROTATE.format(integration=integration, command=command.name))
+            raise UserError(messages.TOOL_SECRET_NO_ROTATE.format(integration=integration,
+                                                                  command=command.name)) from None
         secret = new_webhook_secret()
         async with services.db.write() as session:
             row = await session.get(Connection, connection_id)
