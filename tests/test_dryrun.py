@@ -212,3 +212,22 @@ async def test_real_outbound_http_and_the_secret_reach_the_target(release, tmp_p
     assert deploy.json() == {"build": 77, "env": "staging"}
     assert f"POST {target.url}/deploys → 200" in out and "(mocked)" not in out
     assert "real-ci-token" not in out
+
+
+def test_a_tool_that_makes_its_own_secret_gets_it_pasted_into_the_form(capsys, tmp_path):
+    """PagerDuty generates the signing secret: the dry run pastes the emulated PagerDuty's into set-secret."""
+    flow = write_workflow(tmp_path, "incident", """
+        name: incident
+        on:
+          pagerduty: {events: [incident.triggered]}
+        steps:
+          - id: say
+            uses: slack.post
+            with: {text: "incident ${{ event.event.data.number }} is ${{ event.event.data.status }}", thread: true}
+        """)
+    event = EXAMPLES / "pagerduty" / "incident.triggered.json"
+    code, out, err = dry_run(capsys, str(flow), "--event", str(event), "--offline", mocks=False)
+    assert code == 0, out + err
+    thread = " ".join(section(out, "Thread"))
+    assert "started by a pagerduty event `incident.triggered`" in thread
+    assert "incident 4217 is triggered" in thread

@@ -335,6 +335,8 @@ class DryRun:
             return None if "Started run" in reply else f"/relay run was refused: {reply}"
         integration = INTEGRATIONS.get(plan.source)
         if integration is not None and integration.receives_webhooks:
+            if integration.secret_generated_by_tool:
+                await self.paste_tool_secret(plan.source)
             try:
                 status, text, _ = await self.emulator.deliver_webhook(TEAM_ID, plan.source, plan.body,
                                                                       event=plan.github_event)
@@ -351,6 +353,29 @@ class DryRun:
             subscription_id=subscription))
         self.services.wake()
         return None
+
+    async def paste_tool_secret(self, integration: str) -> None:
+        """A tool that makes its own signing secret (PagerDuty): paste it into relaybot's form, as an admin would."""
+        book = self.emulator.connections
+        own = book.tool_secret(TEAM_ID, integration)
+        command = self.services.settings.command
+        status, _ = await self.emulator.slash_command(TEAM_ID, CHANNEL_ID, TESTER, f"connect {integration} set-secret",
+                                                      command=command)
+        if status != 200:
+            raise RuntimeError(f"{command} connect {integration} set-secret: the bot answered HTTP {status}")
+        modal = await self.emulator.wait_for(lambda: self.emulator.open_modal(TEAM_ID, TESTER), timeout=15)
+        values = {block["block_id"]: {block["element"]["action_id"]: own}
+                  for block in modal["view"].get("blocks") or [] if block.get("type") == "input"}
+        notes = self.emulator.teams[TEAM_ID].ephemeral
+        before = len(notes)
+        result = await self.emulator.submit_view(TEAM_ID, TESTER, modal["view"]["id"], values)
+        if result["status"] != 200 or result["errors"]:
+            raise RuntimeError(f"the {integration} signing-secret form was refused: {result['errors']}")
+        # The form closes at once; the secret is stored after. Its confirmation says it is in place.
+        await self.emulator.wait_for(lambda: len(notes) > before, timeout=15)
+        known = book.get(TEAM_ID, integration)
+        if known is None or not known.connection_id or known.secret != own:
+            raise RuntimeError(f"relaybot did not confirm the {integration} connection: {notes[-1].get('text')}")
 
     async def latest_run(self) -> Any:
         from sqlalchemy import select
