@@ -301,3 +301,46 @@ class Secret(Base):
     set_by: Mapped[str] = mapped_column(String(64))
     set_by_name: Mapped[str | None] = mapped_column(String(200))
     set_at: Mapped[datetime]
+
+
+class TriggerState(Base):
+    """Where one subscription's `poll` or `schedule` trigger stands: when it is due, who holds it, how it went.
+
+    A process claims a due row with a conditional update of its lease, so each poll and each scheduled time is
+    handled by one process; the events it stores are deduplicated by the inbox all the same.
+    """
+
+    __tablename__ = "trigger_states"
+    subscription_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    # The trigger configuration this state was built for: a changed `request` starts a new baseline, a changed
+    # `cron` a new schedule.
+    config_hash: Mapped[str] = mapped_column(String(64))
+    next_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    # poll: the first successful poll's time (it sets the baseline and starts nothing), validators for
+    # conditional requests, and the health shown in `/relay list`.
+    baseline_at: Mapped[datetime | None]
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(String(100))
+    last_success_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None]
+    failures: Mapped[int] = mapped_column(default=0)
+    # schedule: the last due time that fired.
+    last_fired_for: Mapped[datetime | None]
+    __table_args__ = (Index("ix_trigger_states_due", "next_at"),)
+
+
+class PollSeenKey(Base):
+    """A key a subscription's poll has seen (its SHA-256), kept for the newest keys only."""
+
+    __tablename__ = "poll_seen_keys"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[int] = mapped_column(BigId)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    seen_at: Mapped[datetime]
+    __table_args__ = (UniqueConstraint("subscription_id", "key_hash"),)
