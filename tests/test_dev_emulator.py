@@ -225,6 +225,8 @@ async def test_a_tool_that_makes_its_own_secret_signs_with_it_once_pasted_into_t
     own = pagerduty["tool_secret"]
     assert own and pagerduty["connection"] is None
     assert (await page.state())["integrations"] == state["integrations"], "the tool keeps one secret"
+    status, answer = await page.post("event", {"integration": "pagerduty", "example": "incident.triggered"})
+    assert status == 409 and "/relay connect pagerduty set-secret" in answer["error"]
 
     await page.type("/relay connect pagerduty set-secret")
     modal = await page.wait(lambda state: state["modal"])

@@ -235,8 +235,12 @@ class DevPage:
             status, text, _headers = await self.emulator.deliver_webhook(team.id, integration, body,
                                                                          event=event or None)
         except LookupError as exc:
-            self._log(str(exc), ok=False)
-            return web.json_response({"ok": False, "error": str(exc)}, status=409)
+            problem = str(exc)
+            if INTEGRATIONS[integration].secret_generated_by_tool:
+                problem = (f"{INTEGRATIONS[integration].title} signs with a secret it makes itself: paste the emulated "
+                           f"one (shown under Send event) into `{self.command} connect {integration} set-secret`")
+            self._log(problem, ok=False)
+            return web.json_response({"ok": False, "error": problem}, status=409)
         except KeyError as exc:
             self._log(str(exc), ok=False)
             return web.json_response({"ok": False, "error": str(exc)}, status=400)

@@ -267,8 +267,9 @@ function renderEventPanel() {
     note.innerHTML = `Not connected yet: <code>${escapeHtml(state.command)} enable &lt;workflow&gt;</code> or `
       + `<code>${escapeHtml(state.command)} connect ${escapeHtml(integration.name)}</code> shows the URL and secret, which the emulator reads.`;
   } else if (!integration.connection.has_secret) {
-    note.innerHTML = `Sends to <code>${escapeHtml(integration.connection.url)}</code>, but the emulator never saw its secret: `
-      + `<code>${escapeHtml(state.command)} connect ${escapeHtml(integration.name)} rotate</code>.`;
+    const fix = integration.tool_secret ? "set-secret" : "rotate";
+    note.innerHTML = `Sends to <code>${escapeHtml(integration.connection.url)}</code>, but the emulator does not know its secret yet: `
+      + `<code>${escapeHtml(state.command)} connect ${escapeHtml(integration.name)} ${fix}</code>.`;
   } else {
     note.innerHTML = `Signed as ${escapeHtml(integration.title)} signs, sent to <code>${escapeHtml(integration.connection.url)}</code>.`;
   }
