@@ -32,7 +32,8 @@ def test_manifest_points_every_request_at_the_bot():
 METHOD_SCOPES = {
     "chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.postEphemeral": "chat:write",
     "users.info": "users:read", "usergroups.list": "usergroups:read", "usergroups.users.list": "usergroups:read",
-    "conversations.info": "channels:read", "views.open": None, "views.publish": None, "views.update": None,
+    "conversations.info": "channels:read", "conversations.history": "channels:history",
+    "conversations.replies": "channels:history", "views.open": None, "views.publish": None, "views.update": None,
     "auth.test": None, "oauth.v2.access": None,
 }
 
@@ -56,6 +57,8 @@ def test_manifest_declares_exactly_the_scopes_the_code_needs():
     needed |= {"commands"}  # the slash command
     if "conversations.info" in methods:
         needed.add("groups:read")  # conversations.info on private channels
+    if {"conversations.history", "conversations.replies"} & methods:
+        needed.add("groups:history")  # the same, in private channels
     declared = set(manifest()["oauth_config"]["scopes"]["bot"])
     assert declared == needed
 

@@ -353,9 +353,20 @@ class SlackEmulator:
 
     def _m_conversations_history(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         channel = args.get("channel", "")
+        oldest = float(args.get("oldest") or 0)
         messages = [m.to_api() | ({"metadata": m.metadata} if m.metadata else {})
-                    for m in reversed(team.messages.get(channel, [])) if not m.thread_ts]
-        return {"ok": True, "messages": messages[: int(args.get("limit", 100))]}
+                    for m in reversed(team.messages.get(channel, [])) if not m.thread_ts and float(m.ts) >= oldest]
+        return {"ok": True, "messages": messages[: int(args.get("limit", 100))], "has_more": False}
+
+    def _m_conversations_replies(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = args.get("channel", ""), args.get("ts", "")
+        parent = self.message(team.id, channel, ts)
+        if parent is None:
+            return {"ok": False, "error": "thread_not_found"}
+        replies = [m.to_api() | ({"metadata": m.metadata} if m.metadata else {})
+                   for m in team.messages.get(channel, []) if m.thread_ts == ts]
+        return {"ok": True, "messages": [parent.to_api(), *replies][: int(args.get("limit", 1000))],
+                "has_more": False}
 
     def _new_view(self, team: Team, view: dict[str, Any], *, root_view_id: str | None = None,
                   previous_view_id: str | None = None, view_id: str | None = None) -> dict[str, Any]:

@@ -55,7 +55,8 @@ async def guarded(respond: AsyncRespond | None, work: Callable[[], Awaitable[str
 EXTENSIONS: tuple[Callable[[AsyncApp, Services], None], ...] = (secrets.register,)
 
 
-OAUTH_SCOPES = ("commands", "chat:write", "users:read", "usergroups:read", "channels:read", "groups:read")
+OAUTH_SCOPES = ("commands", "chat:write", "users:read", "usergroups:read", "channels:read", "groups:read",
+                "channels:history", "groups:history")
 
 
 def _oauth_settings(services: Services) -> AsyncOAuthSettings:

@@ -96,8 +96,11 @@ def thread_step_skipped(*, title: str, reason: str) -> str:
     return f":black_right_pointing_double_triangle_with_vertical_bar: {step_name(title)} skipped: {escape(reason)}."
 
 
-def thread_step_started(*, title: str, attempt: int, attempts: int) -> str:
+def thread_step_started(*, title: str, attempt: int, attempts: int, resumed: bool = False) -> str:
     of = f" (attempt {attempt} of {attempts})" if attempts > 1 else ""
+    if resumed:
+        return (f":arrows_counterclockwise: {step_name(title)} started again{of}: the process running it stopped "
+                "before it finished.")
     return f":arrows_counterclockwise: {step_name(title)} started{of}."
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 from slack_sdk.errors import SlackApiError
 from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import text as sql
 
 from bot.engine.journal import CARD, POST, REPLY
 from bot.engine.worker import Wakeup
@@ -44,6 +45,16 @@ PERMANENT_ERRORS = frozenset({
 })
 MAX_BACKOFF = 300.0
 LANES_PER_ROUND = 64
+
+
+# The PostgreSQL advisory lock key that serializes lane claims (any constant unique to relaybot).
+CLAIM_LOCK = 0x52454C41  # "RELA"
+METADATA_EVENT = "relaybot_message"
+
+
+def _metadata(**payload: Any) -> dict[str, Any]:
+    """Message metadata that lets a later delivery recognise this message in the channel's history."""
+    return {"event_type": METADATA_EVENT, "event_payload": payload}
 
 
 class PermanentFailure(Exception):
@@ -104,6 +115,7 @@ class Outbox:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._suspect: set[int] = set()
         metrics.on_scrape(self._refresh_depth)
 
     def wake(self) -> None:
@@ -158,6 +170,10 @@ class Outbox:
         now = datetime.now(UTC)
         lease_free = or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)
         async with self.db.write() as session:
+            if not self.db.is_sqlite:
+                # One claimer at a time across processes (SQLite's write lock already is one): otherwise two
+                # processes could each claim part of a lane and deliver it out of order, or twice.
+                await session.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
             # Lanes whose first pending message is due and not leased by anyone.
             heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
                      .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
@@ -167,6 +183,10 @@ class Outbox:
             lanes = [lane for lane in (await session.execute(query)).scalars() if lane not in self._active]
             if not lanes:
                 return 0
+            # Messages leased by a process that stopped mid-delivery may have reached Slack already.
+            self._suspect |= set((await session.execute(select(OutboxMessage.id).where(
+                OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending",
+                OutboxMessage.lease_owner.is_not(None)))).scalars())
             await session.execute(update(OutboxMessage)
                                   .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
                                   .values(lease_owner=self.owner, lease_until=now + self.lease))
@@ -247,11 +267,40 @@ class Outbox:
             self.metrics.slack_retries.labels(method=method, reason="network").inc()
             raise RetryLater(0, f"{method}: {type(exc).__name__} {exc}") from None
 
+    async def _already_posted(self, head: OutboxMessage, *, thread_ts: str | None, card_of: str | None
+                              ) -> str | None:
+        """The ts of this message if an earlier, interrupted delivery did post it (found by its metadata)."""
+        if head.id not in self._suspect:
+            return None
+        self._suspect.discard(head.id)
+        if thread_ts:
+            method, arguments = "conversations.replies", {"ts": thread_ts}
+        else:
+            method = "conversations.history"
+            arguments = {"oldest": f"{head.created_at.timestamp() - 60:.6f}"}
+        try:
+            found = await self.slack.call(head.team_id, method, channel=head.channel_id, limit=200,
+                                          include_all_metadata=True, **arguments)
+        except Exception as exc:  # a missing scope or an outage: deliver, at least once
+            log.warning("outbox: could not check whether message %s was already posted: %s", head.id, exc)
+            return None
+        for message in found.get("messages") or []:
+            payload = ((message.get("metadata") or {}).get("event_payload")) or {}
+            if payload.get("outbox") == head.id or (card_of and payload.get("card") == card_of):
+                log.info("outbox: message %s was already posted (ts %s); not posting it again", head.id,
+                         message.get("ts"))
+                return str(message["ts"])
+        return None
+
     async def _deliver(self, head: OutboxMessage, lane_messages: list[OutboxMessage]) -> None:
         if head.kind == POST:
-            result = await self._call(head.team_id, head.channel_id, "chat.postMessage",
-                                      channel=head.channel_id, **head.payload)
-            await self._mark_sent([head.id], result.get("ts"))
+            ts = await self._already_posted(head, thread_ts=None, card_of=None)
+            if ts is None:
+                result = await self._call(head.team_id, head.channel_id, "chat.postMessage",
+                                          channel=head.channel_id, metadata=_metadata(outbox=head.id),
+                                          **head.payload)
+                ts = result.get("ts")
+            await self._mark_sent([head.id], ts)
             return
         run_id = head.run_id
         assert run_id is not None
@@ -263,13 +312,21 @@ class Outbox:
         if card_ts is None:
             # The card goes first, whatever row is at the head: replies need its ts for their thread.
             card_rows = [m.id for m in lane_messages if m.kind == CARD and m.id <= head.id] or []
-            ts = await self._post_card(run_id, update_ts=None)
+            ts = await self._already_posted(head, thread_ts=None, card_of=run_id)
+            if ts is None:
+                ts = await self._post_card(run_id, update_ts=None)
+            else:
+                await self._store_card_ts(run_id, ts)
             await self._mark_sent(card_rows, ts)
             return
         if head.kind == REPLY:
-            result = await self._call(head.team_id, head.channel_id, "chat.postMessage", channel=head.channel_id,
-                                      thread_ts=card_ts, **head.payload)
-            await self._mark_sent([head.id], result.get("ts"))
+            ts = await self._already_posted(head, thread_ts=card_ts, card_of=None)
+            if ts is None:
+                result = await self._call(head.team_id, head.channel_id, "chat.postMessage",
+                                          channel=head.channel_id, thread_ts=card_ts,
+                                          metadata=_metadata(outbox=head.id), **head.payload)
+                ts = result.get("ts")
+            await self._mark_sent([head.id], ts)
             return
         # A card refresh: skip it when a later refresh is also waiting (the later one shows the newer state).
         later_cards = [m for m in lane_messages if m.kind == CARD and m.id > head.id]
@@ -288,14 +345,17 @@ class Outbox:
         text, blocks = run_card(run, steps)
         if update_ts is None:
             result = await self._call(run.team_id, run.channel_id, "chat.postMessage", channel=run.channel_id,
-                                      text=text, blocks=as_dicts(blocks))
+                                      text=text, blocks=as_dicts(blocks), metadata=_metadata(card=run_id))
             ts = str(result["ts"])
-            async with self.db.write() as session:
-                await session.execute(update(Run).where(Run.id == run_id, Run.card_ts.is_(None)).values(card_ts=ts))
+            await self._store_card_ts(run_id, ts)
             return ts
         await self._call(run.team_id, run.channel_id, "chat.update", channel=run.channel_id, ts=update_ts,
                          text=text, blocks=as_dicts(blocks))
         return update_ts
+
+    async def _store_card_ts(self, run_id: str, ts: str) -> None:
+        async with self.db.write() as session:
+            await session.execute(update(Run).where(Run.id == run_id, Run.card_ts.is_(None)).values(card_ts=ts))
 
     async def _mark_sent(self, ids: list[int], ts: str | None, *, superseded: bool = False) -> None:
         if not ids:
