@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from bot.crypto import Keyring, load_master_keys
 from bot.engine.intake import Intake
 from bot.engine.loader import Catalog
 from bot.engine.runner import Runner
+from bot.engine.triggers.loop import TriggerLoop
+from bot.engine.triggers.poll import Poller
 from bot.engine.worker import Engine
 from bot.errors import ConfigError
 from bot.hooks import ConnectionCache, WebhookDoor
@@ -54,8 +57,10 @@ def process_owner() -> str:
 
 
 def build_services(settings: Settings, *, catalog: Catalog | None = None, log_masker: LogMasker | None = None,
-                   key_file: Path | None = None, http: HttpClient | None = None) -> Services:
-    """Everything the doors need; nothing is started or connected yet."""
+                   key_file: Path | None = None, http: HttpClient | None = None,
+                   clock: Callable[[], datetime] | None = None) -> Services:
+    """Everything the doors need; nothing is started or connected yet. `clock` drives the poll and schedule
+    triggers (tests pass a fake one)."""
 
     db = Database(settings.database_url)
     catalog = catalog if catalog is not None else Catalog.load([settings.workflows_dir])
@@ -93,6 +98,13 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
                         http=http, installations=installations)
     services.housekeeping = Housekeeping(db=db, owner=owner, audit_channel=settings.audit_channel,
                                          retention=timedelta(days=settings.retention_days), on_posted=outbox.wake)
+    poller = Poller(db=db, keyring=keyring, http=http, inbox=services.inbox, log_masker=log_masker, owner=owner,
+                    on_stored=engine.wake)
+    # A poll holds its lease through a whole request (the HTTP timeout) with room to record the result.
+    services.triggers = TriggerLoop(db=db, catalog=catalog, poller=poller, inbox=services.inbox, owner=owner,
+                                    lease=timedelta(seconds=2 * settings.http_timeout + 30),
+                                    interval=settings.worker_poll_interval, grace=settings.schedule_grace,
+                                    now=clock or (lambda: datetime.now(UTC)), on_stored=engine.wake)
     return services
 
 
@@ -144,9 +156,13 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
             await services.outbox.start()
             if services.housekeeping is not None:
                 await services.housekeeping.start()
+            if services.triggers is not None:
+                await services.triggers.start()
         log.info("relaybot ready: %d workflows, database %s", len(services.catalog), services.db.dialect)
         yield
         if run_workers:
+            if services.triggers is not None:
+                await services.triggers.stop()
             await services.engine.stop()
             if services.housekeeping is not None:
                 await services.housekeeping.stop()

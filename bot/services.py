@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from bot.crypto import Keyring
 from bot.engine.intake import Intake
 from bot.engine.loader import Catalog
+from bot.engine.triggers.loop import TriggerLoop
 from bot.engine.worker import Engine
 from bot.hooks import ConnectionCache
 from bot.housekeeping import Housekeeping
@@ -40,6 +41,7 @@ class Services:
     http: HttpClient
     installations: EncryptedInstallationStore | None = None
     housekeeping: Housekeeping | None = None
+    triggers: TriggerLoop | None = None
 
     def wake(self) -> None:
         """New work was committed: let the engine and the outbox look now rather than at their next poll."""

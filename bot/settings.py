@@ -7,12 +7,14 @@ CLI prints before exiting; nothing else in the code reads the environment.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.engine.workflow import parse_duration
 from bot.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -62,6 +64,9 @@ class Settings(BaseSettings):
     command: str = Field(default="/relay", validation_alias="RELAYBOT_COMMAND")
     audit_channel: str | None = Field(default=None, validation_alias="RELAYBOT_AUDIT_CHANNEL")
     retention_days: int = Field(default=90, ge=1, validation_alias="RELAYBOT_RETENTION_DAYS")
+    # How late a scheduled time may still fire after downtime; older missed times are skipped (and logged).
+    schedule_grace: Annotated[timedelta, BeforeValidator(parse_duration)] = Field(
+        default=timedelta(minutes=15), ge=timedelta(0), validation_alias="RELAYBOT_SCHEDULE_GRACE")
     log_level: str = Field(default="INFO", validation_alias="RELAYBOT_LOG_LEVEL")
     host: str = Field(default="0.0.0.0", validation_alias="RELAYBOT_HOST")  # noqa: S104
     port: int = Field(default=3000, ge=0, le=65535, validation_alias="PORT")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from bot.engine.triggers.config import PollTrigger, ScheduleTrigger
 from integrations.registry import INTEGRATIONS
 
 
@@ -17,3 +18,6 @@ TRIGGER_CONFIGS: dict[str, type[BaseModel]] = {
     name: cls.trigger_config for name, cls in INTEGRATIONS.items() if cls.receives_webhooks
 }
 TRIGGER_CONFIGS["command"] = CommandTrigger
+# Triggers relaybot runs itself (bot.engine.triggers): one subscription's events, started without a sender.
+TRIGGER_CONFIGS["poll"] = PollTrigger
+TRIGGER_CONFIGS["schedule"] = ScheduleTrigger

@@ -17,6 +17,7 @@ from sqlalchemy import delete, select
 from bot import audit
 from bot.audit import Actor
 from bot.engine.loader import CompiledWorkflow
+from bot.engine.triggers.status import trigger_statuses
 from bot.errors import NotAllowed, NotFound, UserError
 from bot.ids import new_connection_id, new_webhook_secret, normalize_run_id
 from bot.services import Services
@@ -169,9 +170,11 @@ async def cmd_list(services: Services, command: Command, words: list[str]) -> st
     async with services.db.read() as session:
         enabled = set((await session.execute(select(Subscription.workflow).where(
             Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id))).scalars())
+    statuses = await trigger_statuses(services.db, team_id=command.team_id, channel_id=command.channel_id)
     lines = [messages.catalog_line(name=workflow.name, title=workflow.title, description=workflow.model.description,
                                    triggers=list(dict.fromkeys([*workflow.triggers, "command"])),
                                    enabled_here=workflow.name in enabled)
+             + (f"\n      {statuses[workflow.name]}" if workflow.name in statuses else "")
              for workflow in services.catalog]
     return "\n".join([*lines, "", messages.LIST_FOOTER.format(command=command.name)])
 
