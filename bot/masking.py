@@ -13,15 +13,19 @@ Every occurrence of every form is found, overlapping ones included, and each run
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
+import itertools
 import json
 import logging
+import os
 import re
 import string
 import threading
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 MASK = "***"
@@ -121,11 +125,34 @@ def _url_token(char: str) -> str:
     return "(?:" + "|".join(options) + ")"
 
 
+def _prefix_tree(forms: list[str]) -> str:
+    """A regex matching any of `forms` (sorted, distinct, non-empty), longest first, as a prefix tree: at each
+    position the regex engine tries one branch per distinct next character instead of every form in turn."""
+    # Of sorted strings, the first and the last share the prefix all share; character by character is meant.
+    prefix = os.path.commonprefix([forms[0], forms[-1]])  # noqa: RUF071
+    head = "".join(_url_token(char) for char in prefix)
+    rest = [form[len(prefix):] for form in forms]
+    ends_here = rest[0] == ""
+    tails = rest[1:] if ends_here else rest
+    if not tails:
+        return head
+    branches = [_prefix_tree(list(group)) for _, group in itertools.groupby(tails, key=lambda tail: tail[0])]
+    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    # Greedy: the longer forms are tried before stopping at the shorter one that ends here.
+    return head + (f"(?:{body})?" if ends_here else body)
+
+
 def _pattern(forms: Iterable[str]) -> re.Pattern[str]:
     """Matches, at every position (a lookahead), the longest form that starts there, URL-encoded or not."""
-    ordered = sorted(forms, key=lambda form: (-len(form), form))
-    alternation = "|".join("".join(_url_token(char) for char in form) for form in ordered)
-    return re.compile(f"(?=({alternation}))")
+    ordered = sorted(forms)
+    try:
+        alternation = _prefix_tree(ordered)
+        return re.compile(f"(?=({alternation}))")
+    except (RecursionError, re.error):
+        # Thousands of forms each a prefix of the next nest too deeply for a tree: a flat list, longest first.
+        flat = "|".join("".join(_url_token(char) for char in form)
+                        for form in sorted(ordered, key=lambda form: (-len(form), form)))
+        return re.compile(f"(?=({flat}))")
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -138,78 +165,94 @@ def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-class Masker:
-    """Masks a fixed set of secret values; build one per run from the values it used."""
+@dataclass(frozen=True)
+class CompiledValue:
+    """The forms of one secret value and the pattern that finds them: compiled once, shared by maskers."""
 
-    def __init__(self, values: Iterable[str] = ()) -> None:
+    forms: frozenset[str]
+    pattern: re.Pattern[str]
+
+    @classmethod
+    def of(cls, value: str) -> CompiledValue | None:
+        forms = variants(value)
+        return cls(frozenset(forms), _pattern(forms)) if forms else None
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return [(match.start(), match.start() + len(match.group(1))) for match in self.pattern.finditer(text)]
+
+
+class _CutOffForms:
+    """The forms long enough to be recognised when a text ends part-way into one, indexed by their first
+    PARTIAL_MIN_LENGTH characters, so a text's tail is checked with one lookup per position."""
+
+    def __init__(self, parts: Iterable[CompiledValue]) -> None:
+        self.by_head: dict[str, list[str]] = {}
+        self.longest = 0
+        for part in parts:
+            for form in part.forms:
+                if len(form) > PARTIAL_MIN_LENGTH:
+                    self.by_head.setdefault(form[:PARTIAL_MIN_LENGTH], []).append(form)
+                    self.longest = max(self.longest, len(form))
+
+    def start(self, text: str) -> int | None:
+        """Where the text's end starts to be a form that was cut off, if it does."""
+        for position in range(max(0, len(text) - self.longest + 1), len(text) - PARTIAL_MIN_LENGTH + 1):
+            forms = self.by_head.get(text[position:position + PARTIAL_MIN_LENGTH])
+            if forms and any(form.startswith(text[position:]) for form in forms):
+                return position
+        return None
+
+
+class Masker:
+    """Masks a fixed set of secret values; build one per step from the values it may see."""
+
+    def __init__(self, values: Iterable[str] = (), *, compiled: Iterable[CompiledValue] = ()) -> None:
         self._values: set[str] = set()
-        self._forms: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._parts: tuple[CompiledValue, ...] = tuple(compiled)
+        self._cut_off = _CutOffForms(self._parts)
         self.add(*values)
 
     def add(self, *values: str) -> None:
-        new = {value for value in values if value and value not in self._values}
-        if not new:
-            return
-        self._values |= new
-        before = len(self._forms)
-        for value in new:
-            self._forms |= variants(value)
-        if len(self._forms) != before:
-            self._pattern = _pattern(self._forms)
+        new = [value for value in dict.fromkeys(values) if value and value not in self._values]
+        self._values.update(new)
+        parts = [part for part in map(CompiledValue.of, new) if part is not None]
+        if parts:
+            # New objects, not updates in place: another thread may be masking with the old ones right now.
+            self._parts = (*self._parts, *parts)
+            self._cut_off = _CutOffForms(self._parts)
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
-
-    def _spans(self, value: str) -> list[tuple[int, int]]:
-        assert self._pattern is not None
-        spans = [(match.start(), match.start() + len(match.group(1))) for match in self._pattern.finditer(value)]
-        tail = self._partial_tail(value)
-        if tail is not None:
-            spans.append((tail, len(value)))
-        return _merge(spans)
-
-    def _partial_tail(self, value: str) -> int | None:
-        """Where the text's end starts to be a form that was cut off, if it does (from PARTIAL_MIN_LENGTH on)."""
-        best: int | None = None
-        for form in self._forms:
-            if len(form) <= PARTIAL_MIN_LENGTH:
-                continue
-            head = form[:PARTIAL_MIN_LENGTH]
-            window_start = max(0, len(value) - len(form) + 1)
-            position = value.find(head, window_start)
-            while position >= 0:
-                if form.startswith(value[position:]):
-                    if best is None or position < best:
-                        best = position
-                    break
-                position = value.find(head, position + 1)
-        return best
+        return bool(self._parts)
 
     def text(self, value: str) -> str:
-        if self._pattern is None or not value:
+        parts, cut_off = self._parts, self._cut_off
+        if not parts or not value:
             return value
-        # Replacing can only shorten the text (every form is longer than the mask), so this ends; a second
-        # round catches a form that the mask itself completed (a value that contains `***`).
+        # Every occurrence of every form, overlapping ones and those of different values included, is one span;
+        # each run of covered text becomes one mask. Replacing only shortens the text (every form is longer
+        # than the mask), so the loop ends; a second round catches a form the mask itself completed.
         while True:
-            spans = self._spans(value)
+            spans = [span for part in parts for span in part.spans(value)]
+            if (tail := cut_off.start(value)) is not None:
+                spans.append((tail, len(value)))
+            spans = _merge(spans)
             if not spans:
                 return value
-            parts: list[str] = []
+            pieces: list[str] = []
             position = 0
             for start, end in spans:
-                parts.append(value[position:start])
-                parts.append(MASK)
+                pieces.append(value[position:start])
+                pieces.append(MASK)
                 position = end
-            parts.append(value[position:])
-            masked = "".join(parts)
+            pieces.append(value[position:])
+            masked = "".join(pieces)
             if masked == value:
                 return value
             value = masked
 
     def data(self, value: Any) -> Any:
         """Mask every string inside JSON-like data, keys included."""
-        if self._pattern is None:
+        if not self._parts:
             return value
         if isinstance(value, str):
             return self.text(value)
@@ -239,38 +282,57 @@ class LogMasker:
     """Masks every secret value this process has decrypted out of every log record, whatever its handler.
 
     Logging is process-wide by nature, so this hooks the record factory: a record is masked when it is made,
-    before any handler (a file, stderr, pytest's capture) sees it.
+    before any handler (a file, stderr, pytest's capture) sees it. It also keeps each value compiled, so the
+    maskers of steps (`masker_for`) reuse the work instead of compiling the same PEM at every step.
     """
 
     def __init__(self) -> None:
+        self._compiled: dict[str, CompiledValue | None] = {}
         self._masker = Masker()
         self._lock = threading.Lock()
 
-    def register(self, *values: str) -> None:
+    def _remember(self, compiled: dict[str, CompiledValue | None]) -> None:
         with self._lock:
-            self._masker.add(*values)
+            for value, part in compiled.items():
+                self._compiled.setdefault(value, part)
+            self._masker = Masker(compiled=[part for part in self._compiled.values() if part is not None])
+
+    def register(self, *values: str) -> None:
+        new = [value for value in dict.fromkeys(values) if value and value not in self._compiled]
+        if new:
+            self._remember({value: CompiledValue.of(value) for value in new})
+
+    async def masker_for(self, values: Iterable[str]) -> Masker:
+        """A masker for exactly `values`, which are registered for the logs too. Values not seen before are
+        compiled in a worker thread (a large one takes a noticeable moment), not on the event loop."""
+        wanted = [value for value in dict.fromkeys(values) if value]
+        new = [value for value in wanted if value not in self._compiled]
+        if new:
+            self._remember(await asyncio.to_thread(lambda: {value: CompiledValue.of(value) for value in new}))
+        return Masker(compiled=[part for value in wanted if (part := self._compiled.get(value)) is not None])
 
     def text(self, value: str) -> str:
         return self._masker.text(value)
 
     def mask(self, record: logging.LogRecord) -> logging.LogRecord:
-        if not self._masker:
+        masker = self._masker
+        if not masker:
             return record
         try:
             message = record.getMessage()
         except Exception:  # a bad format string: logging reports it itself, with nothing formatted
             return record
-        masked = self._masker.text(message)
+        masked = masker.text(message)
         if masked != message:
             record.msg, record.args = masked, None
         if record.exc_info and record.exc_info[0] is not None:
             text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = self._masker.text(text)
+            record.exc_text = masker.text(text)
             record.exc_info = None
         elif record.exc_text:
-            record.exc_text = self._masker.text(record.exc_text)
+            record.exc_text = masker.text(record.exc_text)
         if record.stack_info:
-            record.stack_info = self._masker.text(record.stack_info)
+            record.stack_info = masker.text(record.stack_info)
         return record
 
     def install(self) -> None:

@@ -585,3 +585,30 @@ async def test_a_canary_echoed_in_every_form_appears_nowhere(make_bot, workflows
 
     card = bot.slack.message(TEAM, CHANNEL, run.card_ts or "")
     assert card is not None and "***" in block_texts(card) + "\n".join(bot.thread_texts(card))
+
+
+async def test_a_value_that_comes_back_in_another_steps_answer_is_masked(make_bot, workflows, target):
+    """A step that names no secret still has every secret of the workspace masked in what it returns: an API
+    may hand back a value an earlier step (or an earlier run) sent it."""
+    write_workflow(workflows, "read-back", f"""
+        name: read-back
+        on: {{webhook: {{}}}}
+        steps:
+          - id: store
+            uses: http.request
+            with: {{method: PUT, url: "{target.url}/config", json: {{token: "${{{{ secrets.DEPLOY_TOKEN }}}}"}}}}
+          - id: read
+            uses: http.request
+            with: {{url: "{target.url}/config"}}
+        """)
+    bot = await make_bot()
+    token = "stored-" + secrets.token_hex(12)
+    await set_secret_with_form(bot, "DEPLOY_TOKEN", token)
+    from tests.fakes.http_target import Reply
+
+    target.queue("/config", Reply(body={"ok": True}), Reply(body={"config": {"token": token}, "echo": f"t={token}"}))
+    run, steps = await run_workflow(bot, "read-back")
+    assert run.outcome == "succeeded"
+    read = next(step for step in steps if step.step_id == "read")
+    assert read.outputs["json"] == {"config": {"token": "***"}, "echo": "t=***"}
+    assert token not in json.dumps(read.outputs)

@@ -28,7 +28,7 @@ from bot.engine.cards import render_card
 from bot.engine.context import expression_context
 from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
 from bot.errors import DecryptionError, ExpressionError, reference_id
-from bot.masking import LogMasker, MaskedSlackPoster, Masker
+from bot.masking import LogMasker, MaskedSlackPoster
 from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
@@ -301,33 +301,38 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ actions
 
-    async def _secrets(self, team_id: str, names: set[str]) -> tuple[dict[str, str], str | None]:
-        if not names:
-            return {}, None
+    async def _secrets(self, team_id: str, names: set[str]) -> tuple[dict[str, str], str | None, list[str]]:
+        """The step's secrets by name, what stops the step (if anything), and every readable secret of the
+        workspace: all of them are masked in what the step returns, since an API may hand back a value that an
+        earlier step or run sent it."""
         values: dict[str, str] = {}
+        readable: list[str] = []
+        problem: str | None = None
         async with self.db.read() as session:
-            rows = await session.execute(select(Secret).where(Secret.team_id == team_id,
-                                                              Secret.name.in_(sorted(names))))
+            rows = await session.execute(select(Secret).where(Secret.team_id == team_id).order_by(Secret.name))
             for row in rows.scalars():
                 try:
-                    values[row.name] = (await self.keyring.open(session, team_id=team_id,
-                                                                purpose=f"secret:{row.name}",
-                                                                sealed=row.ciphertext)).decode()
-                except DecryptionError as exc:
-                    return values, f"the secret {row.name} cannot be decrypted ({exc})"
+                    value = (await self.keyring.open(session, team_id=team_id, purpose=f"secret:{row.name}",
+                                                     sealed=row.ciphertext)).decode()
+                except (DecryptionError, UnicodeDecodeError) as exc:
+                    if row.name in names and problem is None:
+                        problem = f"the secret {row.name} cannot be decrypted ({exc})"
+                    continue
+                readable.append(value)
+                if row.name in names:
+                    values[row.name] = value
         missing = sorted(names - set(values))
-        if missing:
+        if missing and problem is None:
             listed = ", ".join(missing)
-            return values, (f"the secret {listed} is not set in this workspace; an admin can set it with "
-                            f"`/relay secret set {missing[0]}`")
-        return values, None
+            problem = (f"the secret {listed} is not set in this workspace; an admin can set it with "
+                       f"`/relay secret set {missing[0]}`")
+        return values, problem, readable
 
     async def _execute(self, compiled: CompiledStep, context: dict[str, Any], plan: Execute,
                        run_info: tuple[str, str, str, str | None]) -> Outcome:
         run_id, team_id, channel_id, card_ts = run_info
-        secrets, problem = await self._secrets(team_id, secret_names(compiled))
-        masker = Masker(secrets.values())
-        self.log_masker.register(*secrets.values())
+        secrets, problem, workspace_secrets = await self._secrets(team_id, secret_names(compiled))
+        masker = await self.log_masker.masker_for(workspace_secrets)  # also masks them in the logs
         if problem:
             return Outcome(error=masker.text(problem))
         action = ACTIONS[compiled.model.uses]()
