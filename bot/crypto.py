@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,11 +56,6 @@ def secret_purpose(name: str) -> str:
 
 def connection_purpose(integration: str) -> str:
     return f"connection:{integration}"
-
-
-def installation_purpose(field_name: str) -> str:
-    """For OAuth installation data (`installation_purpose("bot_token")`): sealed per workspace like the rest."""
-    return f"installation:{field_name}"
 
 
 # ------------------------------------------------------------------------------------------------ master keys
@@ -179,7 +173,6 @@ class Keyring:
         self.master_keys = master_keys
         self._by_id = {key.id: key for key in master_keys}
         self._data_keys: dict[str, tuple[str, bytes]] = {}
-        self._observers: list[Callable[[str], None]] = []
 
     @property
     def newest(self) -> MasterKey:
@@ -187,10 +180,6 @@ class Keyring:
 
     def knows(self, master_key_id: str) -> bool:
         return master_key_id in self._by_id
-
-    def observe(self, callback: Callable[[str], None]) -> None:
-        """Call `callback` with every value this keyring opens that is text (the log masker registers them)."""
-        self._observers.append(callback)
 
     def _unwrap(self, row: DataKey) -> bytes:
         master = self._by_id.get(row.master_key_id)
@@ -284,19 +273,10 @@ class Keyring:
                                   f"but workspace {team_id} uses {key_id}")
         nonce = sealed[HEADER_BYTES:HEADER_BYTES + NONCE_BYTES]
         try:
-            plaintext = AESGCM(data_key).decrypt(nonce, sealed[HEADER_BYTES + NONCE_BYTES:],
-                                                 _aad(header, team_id, purpose))
+            return AESGCM(data_key).decrypt(nonce, sealed[HEADER_BYTES + NONCE_BYTES:],
+                                            _aad(header, team_id, purpose))
         except InvalidTag:
             raise DecryptionError(f"{purpose}: ciphertext failed authentication (tampered or moved)") from None
-        if self._observers:
-            try:
-                text = plaintext.decode()
-            except UnicodeDecodeError:
-                text = None
-            if text:
-                for observer in self._observers:
-                    observer(text)
-        return plaintext
 
     async def seal_text(self, session: AsyncSession, *, team_id: str, purpose: str, text: str) -> bytes:
         return await self.seal(session, team_id=team_id, purpose=purpose, plaintext=text.encode())
@@ -343,8 +323,8 @@ class Rotation:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-async def rotate_data_keys(db: Database, keyring: Keyring, *, limit: int | None = None, batch: int = 100,
-                           on_rewrapped: Callable[[str], None] | None = None) -> Rotation:
+async def rotate_data_keys(db: Database, keyring: Keyring, *, limit: int | None = None, batch: int = 100
+                           ) -> Rotation:
     """Re-wrap every data key not yet under the newest master key, one workspace per transaction.
 
     Interrupted at any point (killed, `limit` reached), every workspace is on either the old or the new key
@@ -373,8 +353,6 @@ async def rotate_data_keys(db: Database, keyring: Keyring, *, limit: int | None 
                 continue
             if changed:
                 rotation.rewrapped += 1
-                if on_rewrapped is not None:
-                    on_rewrapped(team_id)
     async with db.read() as session:
         rotation.remaining = (await session.execute(
             select(func.count()).select_from(DataKey).where(DataKey.master_key_id != newest))).scalar_one()

@@ -260,16 +260,6 @@ async def test_two_processes_share_one_data_key_per_workspace(db):
     assert await open_row(db, second, "T1", "A") == "from the first"
 
 
-async def test_opened_values_are_handed_to_the_observers(db):
-    ring = keyring(NEW_KEY)
-    seen: list[str] = []
-    ring.observe(seen.append)
-    await seal(db, ring, "T1", "A", "observed-value")
-    assert seen == []
-    assert await open_row(db, ring, "T1", "A") == "observed-value"
-    assert seen == ["observed-value"]
-
-
 # ------------------------------------------------------------------------------------------------ rotation
 
 

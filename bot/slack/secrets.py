@@ -275,7 +275,7 @@ class _Forms:
             return
         await ack()
         # From here on the value is a secret of this process: keep it out of any log line.
-        self.services.log_masker.register(value)
+        await self.services.log_masker.masker_for([value])
         channel = _metadata(view).get("channel")
         try:
             replaced = await store_secret(self.services.db, self.services.keyring, team_id=team_id, name=name,
@@ -303,7 +303,7 @@ class _Forms:
             await ack(response_action="errors", errors={VALUE_BLOCK: problem})
             return
         await ack()
-        self.services.log_masker.register(value)
+        await self.services.log_masker.masker_for([value])
         channel = metadata.get("channel")
         try:
             connection_id, created = await store_connection_secret(
@@ -322,8 +322,6 @@ class _Forms:
 
 
 def register(app: AsyncApp, services: Services) -> None:
-    # Every value the keyring opens (a step's secrets, a connection's signing secret) is kept out of the logs.
-    services.keyring.observe(services.log_masker.register)
     forms = _Forms(services)
     app.view(SECRET_FORM)(forms.on_secret)
     app.view(CONNECTION_SECRET_FORM)(forms.on_connection_secret)
