@@ -9,7 +9,17 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.store.models import Event, PollSeenKey, TriggerState, Workspace
-from tests.conftest import BOTH_DATABASES, CHANNEL, TEAM, block_texts, free_socket, write_workflow
+from tests.conftest import (
+    ALICE,
+    BOTH_DATABASES,
+    CHANNEL,
+    ROOT,
+    TEAM,
+    block_texts,
+    buttons,
+    free_socket,
+    write_workflow,
+)
 from tests.fakes import clock as fake_clock
 from tests.fakes.http_target import Reply
 
@@ -274,3 +284,35 @@ async def test_an_uninstalled_workspace_polls_nothing_and_disable_forgets_the_ke
     await run_triggers(bot)
     assert len(target.received) == count
     assert bot.slack.channel_messages(TEAM, CHANNEL) == []
+
+
+def release(number: int, tag: str, **flags: bool) -> dict:
+    return {"id": number, "tag_name": tag, "draft": flags.get("draft", False),
+            "prerelease": flags.get("prerelease", False), "author": {"login": "octocat"},
+            "published_at": "2026-03-02T08:00:00Z", "html_url": f"https://github.com/grafana/loki/releases/tag/{tag}"}
+
+
+async def test_the_poll_new_releases_example(make_bot, target, github_api, clock):
+    bot = await make_bot(workflows_dir=ROOT / "workflows", github_api_url=github_api.url)
+    await bot.set_secret("GITHUB_TOKEN", github_api.token)
+    path = "/repos/grafana/loki/releases"
+    target.queue(path, Reply(body=[release(1, "v3.0.0")]),
+                 Reply(body=[release(3, "v3.1.0-rc.1", prerelease=True), release(4, "v3.2.0", draft=True),
+                             release(2, "v3.1.0"), release(1, "v3.0.0")]))
+    await bot.command(f"enable poll-new-releases upstream=grafana/loki repo=acme/api api_url={target.url}")
+    await poll_now(clock, target, bot)
+    clock.advance(minutes=9)
+    await run_triggers(bot)
+    assert len(target.requests_to(path)) == 1  # every 10 minutes
+    await poll_now(clock, target, bot, minutes=1)
+    card = await bot.wait_card(lambda message: "approve" in buttons(message))
+    text = block_texts(card)
+    assert "grafana/loki v3.1.0" in text and "octocat" in text
+    await bot.click(card, "approve", user=ALICE)
+    thread = await bot.wait_thread(card, "Run succeeded")
+    [issue] = github_api.issues
+    assert issue["title"] == "Upgrade grafana/loki to v3.1.0" and issue["labels"] == [{"name": "dependencies"}]
+    assert any("Opened https://github.com/acme/api/issues/1" in line for line in thread)
+    polled = target.requests_to(path)[-1]
+    assert polled.headers["Authorization"] == f"Bearer {github_api.token}" and polled.query == {"per_page": "20"}
+    assert len(bot.cards()) == 1  # neither the pre-release nor the draft

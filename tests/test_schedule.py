@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.store.models import Event, TriggerState
-from tests.conftest import BOTH_DATABASES, block_texts, write_workflow
+from tests.conftest import BOTH_DATABASES, ROOT, block_texts, write_workflow
 from tests.fakes import clock as fake_clock
 
 pytestmark = BOTH_DATABASES
@@ -149,3 +149,18 @@ async def test_the_inbox_lets_one_due_time_through_even_without_the_lease(make_b
     await run_triggers(bot)
     assert len(await fired(bot)) == 1
     assert len(bot.cards()) == 1
+
+
+async def test_the_weekday_standup_example(make_bot, clock):
+    bot = await make_bot(workflows_dir=ROOT / "workflows")
+    await bot.command("enable weekday-standup call_url=https://meet.example.com/ops")
+    await run_triggers(bot)
+    # Saturday 09:00 in Berlin is not a due time, and the week's due times are too old to fire now.
+    clock.set(datetime(2026, 3, 7, 8, 0, 1, tzinfo=UTC))
+    await run_triggers(bot)
+    assert bot.cards() == []
+    clock.set(datetime(2026, 3, 9, 8, 0, 1, tzinfo=UTC))  # Monday 9 March, 09:00 in Berlin
+    await run_triggers(bot)
+    card = await bot.wait_card()
+    assert "Standup at 09:00" in block_texts(card) and "https://meet.example.com/ops" in block_texts(card)
+    await bot.wait_thread(card, ":wave: Standup now: https://meet.example.com/ops")
