@@ -84,7 +84,8 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     http = http or HttpClient(allow=settings.http_allow, timeout=settings.http_timeout,
                               max_response=settings.http_max_response)
     outbox = Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=settings.slack_channel_rate,
-                    poll_interval=settings.worker_poll_interval, lease=lease,
+                    poll_interval=settings.worker_poll_interval,
+                    lease=timedelta(seconds=settings.outbox_lease_seconds),
                     on_undeliverable=lambda message, reason: tell_subscriber(db, slack, message, reason))
     intake = Intake(db=db, catalog=catalog)
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # Tunables that operators rarely touch; tests shorten them.
     worker_poll_interval: float = Field(default=1.0, gt=0, validation_alias="RELAYBOT_POLL_INTERVAL")
     lease_seconds: float = Field(default=60.0, gt=0, validation_alias="RELAYBOT_LEASE_SECONDS")
+    outbox_lease_seconds: float = Field(default=30.0, gt=0, validation_alias="RELAYBOT_OUTBOX_LEASE_SECONDS")
     http_timeout: float = Field(default=30.0, gt=0, validation_alias="RELAYBOT_HTTP_TIMEOUT")
     http_max_response: int = Field(default=10 * 1024 * 1024, validation_alias="RELAYBOT_HTTP_MAX_RESPONSE")
 

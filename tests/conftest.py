@@ -99,6 +99,7 @@ class Bot:
             "slack_channel_rate": 0,
             "worker_poll_interval": 0.2,
             "lease_seconds": 5,
+            "outbox_lease_seconds": 5,
         }
         values.update(self.env)
         return Settings(**values)

@@ -46,6 +46,7 @@ class ServeProcess:
             "RELAYBOT_SLACK_CHANNEL_RATE": "0",
             "RELAYBOT_POLL_INTERVAL": "0.2",
             "RELAYBOT_LEASE_SECONDS": "2",
+            "RELAYBOT_OUTBOX_LEASE_SECONDS": "5",
             "RELAYBOT_HOST": "127.0.0.1",
             "PORT": str(port),
         })

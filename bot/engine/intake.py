@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.audit import Actor
@@ -159,10 +161,12 @@ class Intake:
     async def _store_version(self, session: AsyncSession, workflow: CompiledWorkflow, now: datetime) -> None:
         if workflow.hash in self._stored_versions:
             return
-        if await session.get(WorkflowVersion, workflow.hash) is None:
-            session.add(WorkflowVersion(hash=workflow.hash, name=workflow.name, path=workflow.path,
-                                        source=workflow.source, created_at=now))
-            await session.flush()
+        insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        # Another process may store the same version at the same moment.
+        await session.execute(insert(WorkflowVersion).values(hash=workflow.hash, name=workflow.name,
+                                                             path=workflow.path, source=workflow.source,
+                                                             created_at=now)
+                              .on_conflict_do_nothing(index_elements=["hash"]))
         self._stored_versions.add(workflow.hash)
 
     async def _start_run(self, session: AsyncSession, event: Event, match: Match, now: datetime) -> Run:

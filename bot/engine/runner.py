@@ -103,9 +103,17 @@ class Runner:
             return self.catalog.version(run.workflow_hash, source=version.source, path=version.path)
 
     async def _load(self, session: AsyncSession, run_id: str) -> tuple[Run, Event, list[Step]] | None:
-        run = await session.get(Run, run_id, populate_existing=True)
-        if run is None or run.lease_owner != self.owner:
+        """The run, if this worker still holds its lease; the lease is extended for this transaction's work.
+
+        The row is locked for the transaction (PostgreSQL), so a process that finds the lease expired cannot
+        take the run over while this one is writing: every write of a worker is fenced by its lease.
+        """
+        now = datetime.now(UTC)
+        run = await session.get(Run, run_id, populate_existing=True,
+                                with_for_update=None if self.db.is_sqlite else True)
+        if run is None or run.lease_owner != self.owner or run.lease_until is None or run.lease_until <= now:
             return None
+        run.lease_until = now + self.lease
         event = await session.get(Event, run.event_id)
         assert event is not None
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)
@@ -265,7 +273,7 @@ class Runner:
             session, run, actor=SYSTEM, action="step.started", step=step.step_id, now=now,
             reason="resumed after the process running it stopped" if restarted else None,
             details={"attempt": step.attempt, "action": compiled.model.uses},
-            thread=messages.thread_step_started(title=step.title, attempt=step.attempt,
+            thread=messages.thread_step_started(title=step.title, attempt=step.attempt, resumed=restarted,
                                                 attempts=max(compiled.model.retry.attempts, step.attempt)))
         return Execute(step_id=step.step_id, attempt=step.attempt)
 
@@ -377,9 +385,12 @@ class Runner:
         interval = max(self.lease.total_seconds() / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
+            now = datetime.now(UTC)
             async with self.db.write() as session:
-                await session.execute(update(Run).where(Run.id == run_id, Run.lease_owner == self.owner)
-                                      .values(lease_until=datetime.now(UTC) + self.lease))
+                # Only a lease still held: once it has lapsed, another process may already own the run.
+                await session.execute(update(Run).where(Run.id == run_id, Run.lease_owner == self.owner,
+                                                        Run.lease_until > now)
+                                      .values(lease_until=now + self.lease))
 
     async def _commit(self, run_id: str, plan: Execute, outcome: Outcome) -> bool:
         """Write the step's result if this worker still owns it; False when it no longer does."""

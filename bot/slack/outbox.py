@@ -194,7 +194,19 @@ class Outbox:
             self._active[lane] = asyncio.create_task(self._deliver_lane(lane), name=f"outbox-{lane}")
         return len(lanes)
 
+    async def _renew(self, lane: str) -> None:
+        """Keep the lane's lease while delivering (a 429 wait can be long): a live deliverer is never overtaken."""
+        while True:
+            await asyncio.sleep(max(self.lease.total_seconds() / 3, 0.05))
+            now = datetime.now(UTC)
+            async with self.db.write() as session:
+                await session.execute(update(OutboxMessage).where(
+                    OutboxMessage.lane == lane, OutboxMessage.state == "pending",
+                    OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > now)
+                    .values(lease_until=now + self.lease))
+
     async def _deliver_lane(self, lane: str) -> None:
+        renewer = asyncio.create_task(self._renew(lane))
         try:
             await self._drain(lane)
         except asyncio.CancelledError:
@@ -202,6 +214,7 @@ class Outbox:
         except Exception:
             log.exception("outbox lane %s failed; it will be retried", lane)
         finally:
+            renewer.cancel()
             self._active.pop(lane, None)
             async with self.db.write() as session:
                 await session.execute(update(OutboxMessage)
@@ -213,7 +226,8 @@ class Outbox:
         async with self.db.read() as session:
             rows = await session.execute(select(OutboxMessage).where(
                 OutboxMessage.lane == lane, OutboxMessage.state == "pending",
-                OutboxMessage.lease_owner == self.owner).order_by(OutboxMessage.id))
+                OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > datetime.now(UTC))
+                .order_by(OutboxMessage.id))
             return list(rows.scalars())
 
     async def _drain(self, lane: str) -> None:

@@ -1,0 +1,153 @@
+"""Two `relaybot serve` processes on one PostgreSQL database, one of them killed with SIGKILL mid-way."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+from collections import Counter
+
+import aiohttp
+from sqlalchemy import func, select
+
+from bot.store.db import Database
+from bot.store.models import AuditRecord, Run
+from tests.conftest import ADMIN, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.procs import ServeProcess
+
+DELIVERIES = 500
+
+
+async def command(slack, text: str) -> str:
+    before = len(slack.responses)
+    await slack.slash_command(TEAM, CHANNEL, ADMIN, text)
+    await slack.wait_for(lambda: len(slack.responses) > before, timeout=20)
+    return str(slack.responses[before]["text"])
+
+
+def run_id_of(message) -> str | None:
+    match = re.search(r"run `(R[0-9A-Z]+)`", json.dumps(message.blocks or []))
+    return match.group(1) if match else None
+
+
+async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows, target, tmp_path,
+                                                               postgres_database):
+    write_workflow(workflows, "work", f"""
+        name: work
+        on: webhook
+        steps:
+          - id: work
+            uses: http.request
+            with: {{url: "{target.url}/work/${{{{ event.n }}}}", method: PUT}}
+        """)
+    write_workflow(workflows, "gate", f"""
+        name: gate
+        on: command
+        steps:
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """)
+    log = tmp_path / "serve.log"
+    first = await ServeProcess(slack=slack, workflows=workflows, database_url=postgres_database, log=log).start()
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=postgres_database, log=log).start()
+    processes = [first, second]
+    try:
+        url, secret = connection_from(await command(slack, "enable work"), "webhook")
+        path = "/hooks/" + url.rsplit("/", 1)[1]
+        await command(slack, "enable gate")
+
+        # 100 people click Approve on one card at once, their clicks spread over both processes.
+        await command(slack, "run gate")
+        card = copy.deepcopy(await slack.wait_for(
+            lambda: next((m for m in slack.channel_messages(TEAM, CHANNEL) if "approve" in buttons(m)), None)))
+        clickers = [f"U0C{index:06d}" for index in range(100)]
+        for user in clickers:
+            slack.add_user(TEAM, user, user.lower())
+        payloads = [slack.block_actions_payload(TEAM, CHANNEL, user, card.ts, "approve", snapshot=card)
+                    for user in clickers]
+
+        async def click(index: int) -> int:
+            slack.bot_url = processes[index % 2].url
+            body = ("payload=" + json.dumps(payloads[index])).encode()
+            from bot.emulator.webapi import sign
+
+            headers = {"Content-Type": "application/x-www-form-urlencoded", **sign(slack.signing_secret, body)}
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"{processes[index % 2].url}/slack/events", data=body, headers=headers) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*[click(index) for index in range(100)])
+        assert statuses == [200] * 100
+        await slack.wait_for(lambda: len(target.requests_to("/deploy")) == 1, timeout=30)
+
+        # 500 deliveries, each sent twice, to either process; one process is killed half-way.
+        sent: Counter[int] = Counter()
+        alive = [first, second]
+        semaphore = asyncio.Semaphore(16)
+
+        async def deliver(n: int, attempt: int) -> None:
+            body = json.dumps({"n": n, "summary": f"item {n}"}).encode()
+            headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json",
+                       "X-Request-Id": f"delivery-{n}"}
+            async with semaphore, aiohttp.ClientSession() as session:
+                for hop in range(6):
+                    process = alive[(n + attempt + hop) % len(alive)]
+                    try:
+                        async with session.post(process.url + path, data=body, headers=headers) as response:
+                            if response.status == 202:
+                                sent[n] += 1
+                                return
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.05)  # that process is gone: the sender tries again elsewhere
+                raise AssertionError(f"delivery {n} was never accepted")
+
+        first_half = [deliver(n, attempt) for n in range(DELIVERIES // 2) for attempt in (0, 1)]
+        await asyncio.gather(*first_half)
+        first.kill()
+        alive.remove(first)
+        second_half = [deliver(n, attempt) for n in range(DELIVERIES // 2, DELIVERIES) for attempt in (0, 1)]
+        await asyncio.gather(*second_half)
+        assert len(sent) == DELIVERIES and set(sent.values()) == {2}
+
+        async def finished() -> int:
+            async with db.read() as session:
+                return await session.scalar(select(func.count()).select_from(Run).where(
+                    Run.workflow == "work", Run.state == "succeeded")) or 0
+
+        db = Database(postgres_database)
+        try:
+            for _ in range(600):
+                if await finished() == DELIVERIES:
+                    break
+                await asyncio.sleep(0.2)
+            assert await finished() == DELIVERIES
+            await slack.wait_for(lambda: len([m for m in slack.channel_messages(TEAM, CHANNEL)]) >= DELIVERIES + 1,
+                                 timeout=60)
+            async with db.read() as session:
+                runs = await session.scalar(select(func.count()).select_from(Run).where(Run.workflow == "work"))
+                decisions = await session.scalar(select(func.count()).select_from(AuditRecord).where(
+                    AuditRecord.action == "step.approved"))
+                finished_steps = Counter((await session.execute(
+                    select(AuditRecord.run_id).where(AuditRecord.action == "step.finished"))).scalars())
+        finally:
+            await db.dispose()
+        assert runs == DELIVERIES
+        assert decisions == 1
+        assert set(finished_steps.values()) == {1}, "a step was committed twice"
+        worked = {int(request.path.rsplit("/", 1)[1]) for request in target.received
+                  if request.path.startswith("/work/")}
+        assert worked == set(range(DELIVERIES))
+
+        # At the fake Slack: one card per run, and no thread reply twice.
+        await asyncio.sleep(1.0)
+        cards = Counter(run_id_of(m) for m in slack.channel_messages(TEAM, CHANNEL))
+        assert len(cards) == DELIVERIES + 1 and set(cards.values()) == {1}, cards.most_common(3)
+        for message in slack.channel_messages(TEAM, CHANNEL):
+            replies = Counter(m.text for m in slack.thread(TEAM, CHANNEL, message.ts))
+            assert all(count == 1 for count in replies.values()), replies
+    finally:
+        for process in processes:
+            process.stop()
