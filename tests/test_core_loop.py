@@ -89,7 +89,8 @@ async def test_approve_runs_the_step_and_the_thread_tells_the_story(make_bot, wo
     thread = bot.thread_texts(card)
     expected_order = ["started by a github event `pull_request.closed`, delivery `delivery-1`",
                       "is waiting for approval", "approved by <@U0ALICE01>", "*Deploy to production* started",
-                      "*Deploy to production* succeeded", "*notify* started", "*notify* succeeded", "Run succeeded"]
+                      "*Deploy to production* succeeded", "*notify* started", "Deployed 2 to production",
+                      "*notify* succeeded", "Run succeeded"]
     positions = [next(i for i, line in enumerate(thread) if needle in line) for needle in expected_order]
     assert positions == sorted(positions), thread
     assert any("Deployed 2 to production, approved by alice." in line for line in thread)

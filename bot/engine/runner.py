@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.audit import Actor
@@ -32,7 +32,7 @@ from bot.masking import LogMasker, MaskedSlackPoster
 from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
-from bot.store.models import Event, Run, Secret, Step, WorkflowVersion
+from bot.store.models import Event, OutboxMessage, Run, Secret, Step, WorkflowVersion
 from integrations.base import ActionContext, ActionFailed, SlackPoster
 from integrations.httpclient import HttpClient
 from integrations.registry import ACTIONS
@@ -72,6 +72,37 @@ class Outcome:
 
 class LeaseLost(Exception):
     pass
+
+
+class ThreadInOrder:
+    """A poster whose thread replies wait for the run's earlier replies still in the outbox (up to a few
+    seconds), so a `slack.post` into the thread reads after "step started", not before it."""
+
+    def __init__(self, inner: SlackPoster, *, db: Database, run_id: str, patience: float = 10.0) -> None:
+        self.inner = inner
+        self.db = db
+        self.run_id = run_id
+        self.patience = patience
+
+    async def _earlier_pending(self, up_to: int | None) -> tuple[int | None, int]:
+        async with self.db.read() as session:
+            newest = await session.scalar(select(func.max(OutboxMessage.id)).where(OutboxMessage.lane == self.run_id))
+            limit = up_to if up_to is not None else newest
+            if limit is None:
+                return None, 0
+            pending = await session.scalar(select(func.count()).select_from(OutboxMessage).where(
+                OutboxMessage.lane == self.run_id, OutboxMessage.state == "pending", OutboxMessage.id <= limit))
+            return limit, pending or 0
+
+    async def post_message(self, *, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
+                           thread_ts: str | None = None) -> dict[str, Any]:
+        if thread_ts:
+            deadline = time.monotonic() + self.patience
+            up_to, pending = await self._earlier_pending(None)
+            while pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                _, pending = await self._earlier_pending(up_to)
+        return await self.inner.post_message(channel=channel, text=text, blocks=blocks, thread_ts=thread_ts)
 
 
 class Runner:
@@ -201,6 +232,7 @@ class Runner:
             reason = "an earlier step failed"
         else:
             return True
+        step.title = self._step_title(compiled, run, event, steps)
         step.state = states.SKIPPED
         step.finished_at = now
         step.error = None
@@ -354,7 +386,8 @@ class Runner:
             where = ".".join(str(part) for part in error["loc"])
             return Outcome(error=masker.text(f"input {where}: {error['msg']}"))
         timeout = compiled.model.timeout.total_seconds()
-        ctx = ActionContext(http=self.http, slack=MaskedSlackPoster(self.slack_poster(team_id), masker),
+        poster = ThreadInOrder(MaskedSlackPoster(self.slack_poster(team_id), masker), db=self.db, run_id=run_id)
+        ctx = ActionContext(http=self.http, slack=poster,
                             idempotency_key=f"{run_id}:{plan.step_id}", channel=channel_id, thread_ts=card_ts,
                             timeout=timeout, base_urls=self.base_urls)
         started = time.monotonic()

@@ -39,6 +39,18 @@ class Wakeup:
         self._event.clear()
 
 
+async def stop_loop(task: asyncio.Task[None], wakeup: Wakeup, timeout: float = 5.0) -> None:
+    """Let a loop finish its round (a transaction is never cut in half); cancel it only if it hangs."""
+    wakeup.set()
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Engine:
     def __init__(self, *, db: Database, intake: Intake, runner: Runner, owner: str, lease: timedelta,
                  poll_interval: float, concurrency: int = 32, on_work_done: Wakeup | None = None) -> None:
@@ -65,9 +77,7 @@ class Engine:
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
         if self._loop_task:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await stop_loop(self._loop_task, self.wakeup)
         if self._active:
             # Let steps in flight finish and commit; what does not finish in time resumes after the lease.
             _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)

@@ -14,7 +14,6 @@ messages and are logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy import text as sql
 
 from bot.engine.journal import CARD, POST, REPLY
-from bot.engine.worker import Wakeup
+from bot.engine.worker import Wakeup, stop_loop
 from bot.metrics import Metrics
 from bot.slack.blocks import as_dicts, run_card
 from bot.slack.client import NoToken, SlackApi
@@ -128,9 +127,7 @@ class Outbox:
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_loop(self._task, self.wakeup)
         if self._active:
             _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
             for task in pending:
