@@ -22,6 +22,11 @@ async def claim_due(db: Database, *, owner: str, now: datetime, lease: timedelta
     """Up to `limit` due states of installed workspaces, now leased to `owner`."""
     free = or_(TriggerState.lease_until.is_(None), TriggerState.lease_until < now)
     uninstalled = exists().where(Workspace.team_id == TriggerState.team_id, Workspace.uninstalled_at.is_not(None))
+    # Most rounds find nothing due: a read says so without taking SQLite's write lock every second.
+    async with db.read() as session:
+        if await session.scalar(select(TriggerState.subscription_id)
+                                .where(TriggerState.next_at <= now, free, ~uninstalled).limit(1)) is None:
+            return []
     async with db.write() as session:
         query = (select(TriggerState.subscription_id, TriggerState.trigger)
                  .where(TriggerState.next_at <= now, free, ~uninstalled)
