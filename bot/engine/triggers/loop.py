@@ -66,6 +66,8 @@ class TriggerLoop:
         self.wakeup = Wakeup()
         self._active: dict[StateKey, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        # One round at a time in this process: a round asked for by hand waits for the loop's own.
+        self._round = asyncio.Lock()
 
     def wake(self) -> None:
         self.wakeup.set()
@@ -100,6 +102,10 @@ class TriggerLoop:
 
     async def tick(self) -> int:
         """One round: bring the states in line with the subscriptions, start the due ones; how many started."""
+        async with self._round:
+            return await self._round_now()
+
+    async def _round_now(self) -> int:
         now = self.now()
         await self.sync(now)
         free = self.concurrency - len(self._active)
