@@ -199,6 +199,10 @@ class Action(Generic[InputT, OutputT]):
     def is_idempotent(self, inputs: InputT) -> bool:
         return self.idempotent
 
+    def is_idempotent_static(self, raw_inputs: dict[str, Any]) -> bool:
+        """Whether running it again is safe, judged from the workflow file's `with:` before rendering."""
+        return self.idempotent
+
 
 # ---------------------------------------------------------------------------------------------- integrations
 

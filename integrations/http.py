@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from integrations.apicall import RETRYABLE_STATUSES, send
 from integrations.base import Action, ActionContext, ActionFailed, ActionInput, ActionOutput
 
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 TEXT_OUTPUT_LIMIT = 64 * 1024
 
 
@@ -43,7 +44,12 @@ class Request(Action[RequestInput, RequestOutput]):
     Output = RequestOutput
 
     def is_idempotent(self, inputs: RequestInput) -> bool:
-        return inputs.method in ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
+        return inputs.method in IDEMPOTENT_METHODS
+
+    def is_idempotent_static(self, raw_inputs: dict[str, Any]) -> bool:
+        method = raw_inputs.get("method", "GET")
+        # A method that comes from an expression could be anything: not safe to assume.
+        return isinstance(method, str) and "${{" not in method and method.upper() in IDEMPOTENT_METHODS
 
     async def run(self, inputs: RequestInput, ctx: ActionContext) -> RequestOutput:
         headers = dict(inputs.headers)

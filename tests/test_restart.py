@@ -126,3 +126,43 @@ async def test_step_in_flight_when_killed_is_taken_over_after_its_lease(
     assert run.state == "succeeded"
     assert [(s.step_id, s.state, s.attempt) for s in steps] == [("first", "succeeded", 1), ("slow", "succeeded", 2)]
     assert any("resumed" in text or "*slow* started" in text for text in thread(slack, card))
+
+
+async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeating(
+        slack, workflows, target, tmp_path, database_url):
+    target.queue("/create", Reply(delay=6, body={"id": 1}))
+    write_workflow(workflows, "create", f"""
+        name: create
+        on: webhook
+        steps:
+          - id: create
+            title: Create the release
+            uses: http.request
+            timeout: 60s
+            with: {{url: "{target.url}/create", method: POST}}
+        """)
+    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                               log=tmp_path / "serve.log").start()
+    try:
+        url, secret = connection_from(await command(slack, "enable create"), "webhook")
+        assert await fire(url, secret, {}, "d-3") == 202
+        await slack.wait_for(lambda: target.requests_to("/create"), timeout=15)
+    finally:
+        first.kill()
+
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                                log=tmp_path / "serve.log").start()
+    try:
+        card = await slack.wait_for(lambda: card_with(slack, lambda m: "retry" in buttons(m)), timeout=30)
+        lines = await slack.wait_for(lambda: [t for t in thread(slack, card) if "outcome unknown" in t] and
+                                     thread(slack, card), timeout=15)
+        assert any("*Create the release*: outcome unknown" in line for line in lines)
+        await slack.wait_for(lambda: True, timeout=1.5)  # time in which a blind retry would have happened
+        assert len(target.requests_to("/create")) == 1
+        stale = copy.deepcopy(card)
+        await slack.click(TEAM, CHANNEL, ALICE, card.ts, "retry", snapshot=stale)
+        await slack.wait_for(lambda: any("Run succeeded" in text for text in thread(slack, card)), timeout=20)
+        assert len(target.requests_to("/create")) == 2
+        assert any("chose to retry it" in text for text in thread(slack, card))
+    finally:
+        second.stop()

@@ -194,6 +194,13 @@ class Runner:
                 run.state = states.WAITING
                 run.wake_at = step.deadline
                 return None
+            if step.state == states.UNKNOWN:
+                run.state = states.WAITING
+                run.wake_at = None
+                return None
+            if step.state == states.STEP_RUNNING and not self._safe_to_repeat(compiled):
+                await self._outcome_unknown(session, workflow, run, event, steps, step, compiled, now)
+                return None
             if step.state == states.PENDING:
                 if step.next_attempt_at is not None and step.next_attempt_at > now:
                     run.state = states.RUNNING
@@ -215,6 +222,24 @@ class Runner:
             return await self._start(session, workflow, run, event, steps, step, compiled, now)
         await self._finish(session, workflow, run, event, steps, now)
         return None
+
+    @staticmethod
+    def _safe_to_repeat(compiled: CompiledStep) -> bool:
+        return ACTIONS[compiled.model.uses]().is_idempotent_static(compiled.model.with_)
+
+    async def _outcome_unknown(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                               steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> None:
+        """A step that was started and never finished, and that may not be repeated without a person's say."""
+        step.state = states.UNKNOWN
+        step.error = "the process running it stopped before it finished"
+        run.state = states.WAITING
+        run.wake_at = None
+        self._refresh_card(workflow, run, event, steps)
+        await journal.transition(
+            session, run, actor=SYSTEM, action="step.outcome_unknown", step=step.step_id, outcome=states.UNKNOWN,
+            now=now, reason=f"attempt {step.attempt} of {compiled.model.uses} started and never finished; "
+                            "it is not safe to repeat without a decision",
+            thread=messages.thread_step_unknown(title=step.title, action=compiled.model.uses))
 
     async def _condition(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
                          steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> bool:

@@ -22,4 +22,6 @@ STEP_FAILED = "failed"
 SKIPPED = "skipped"
 TIMED_OUT = "timed_out"
 STEP_CANCELLED = "cancelled"
+# Started, never finished, and its action is not safe to repeat blindly: a person chooses Retry or Skip.
+UNKNOWN = "unknown"
 FINAL_STEP_STATES = frozenset({STEP_SUCCEEDED, STEP_FAILED, SKIPPED, TIMED_OUT, STEP_CANCELLED})

@@ -20,7 +20,7 @@ from bot.engine.loader import CompiledWorkflow
 from bot.errors import NotAllowed, NotFound, UserError
 from bot.services import Services
 from bot.slack import messages
-from bot.slack.blocks import APPROVE_ACTION, parse_button_value
+from bot.slack.blocks import APPROVE_ACTION, RETRY_ACTION, parse_button_value
 from bot.slack.people import LookupFailed
 from bot.store.models import Event, Run, Step, WorkflowVersion
 
@@ -50,7 +50,11 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
     if not team_id or not user_id or parsed is None:
         raise UserError(messages.CLICK_UNKNOWN_RUN)
     run_id, step_id = parsed
-    approve = action.get("action_id") == APPROVE_ACTION
+    choice = action.get("action_id")
+    approve = choice in (APPROVE_ACTION, RETRY_ACTION)
+    # Approve acts on a step waiting for approval, Retry on one whose outcome is unknown, Skip on either.
+    decidable = {APPROVE_ACTION: (states.STEP_WAITING,), RETRY_ACTION: (states.UNKNOWN,)}.get(
+        choice, (states.STEP_WAITING, states.UNKNOWN))
     async with services.db.read() as session:
         run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == team_id))
                ).scalar_one_or_none()
@@ -60,8 +64,8 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
                     ).scalar_one_or_none()
     if run is None or step is None:
         raise NotFound(messages.CLICK_UNKNOWN_RUN)
-    if step.state != states.STEP_WAITING:
-        if step.decision and step.decided_by:
+    if step.state not in decidable:
+        if step.decision and step.decided_by and step.state != states.UNKNOWN:
             who = messages.user(step.decided_by, step.decided_by_name)
             return messages.CLICK_ALREADY_DECIDED.format(state=f"{step.decision} by {who}")
         return messages.CLICK_STALE
@@ -78,13 +82,15 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
     person = await services.people.person(team_id, user_id)
     name = person.name or _user_name(body)
     now = datetime.now(UTC)
+    retry = choice == RETRY_ACTION
     async with services.db.write() as session:
-        values: dict[str, Any] = {"decision": "approved" if approve else "skipped", "decided_by": user_id,
-                                  "decided_by_name": name, "decided_at": now,
-                                  "state": states.APPROVED if approve else states.SKIPPED}
+        values: dict[str, Any] = {"state": states.APPROVED if approve else states.SKIPPED}
+        if not retry:  # a retry keeps the record of who approved the step in the first place
+            values |= {"decision": "approved" if approve else "skipped", "decided_by": user_id,
+                       "decided_by_name": name, "decided_at": now}
         if not approve:
             values["finished_at"] = now
-        won = await session.execute(update(Step).where(Step.id == step.id, Step.state == states.STEP_WAITING)
+        won = await session.execute(update(Step).where(Step.id == step.id, Step.state == step.state)
                                     .values(**values))
         if not won.rowcount:  # type: ignore[attr-defined]
             fresh = await session.get(Step, step.id, populate_existing=True)
@@ -101,11 +107,16 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)
                                             .execution_options(populate_existing=True))).scalars())
         run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
-        thread = (messages.thread_step_approved(title=step.title, user_id=user_id, name=name) if approve
-                  else messages.thread_step_skipped_by(title=step.title, user_id=user_id, name=name))
-        await journal.transition(session, run, actor=Actor(user_id, name),
-                                 action="step.approved" if approve else "step.skipped", step=step_id,
-                                 outcome="approved" if approve else states.SKIPPED, now=now, thread=thread,
-                                 reason=None if approve else "skipped by a person")
+        if retry:
+            thread = messages.thread_step_retry_requested(title=step.title, user_id=user_id, name=name)
+            action_name, outcome, reason = "step.retry_requested", "retry", "outcome was unknown"
+        elif approve:
+            thread = messages.thread_step_approved(title=step.title, user_id=user_id, name=name)
+            action_name, outcome, reason = "step.approved", "approved", None
+        else:
+            thread = messages.thread_step_skipped_by(title=step.title, user_id=user_id, name=name)
+            action_name, outcome, reason = "step.skipped", states.SKIPPED, "skipped by a person"
+        await journal.transition(session, run, actor=Actor(user_id, name), action=action_name, step=step_id,
+                                 outcome=outcome, now=now, thread=thread, reason=reason)
     services.wake()
     return None

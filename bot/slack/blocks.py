@@ -23,6 +23,7 @@ from bot.store.models import Run, Step
 
 APPROVE_ACTION = "approve"
 SKIP_ACTION = "skip"
+RETRY_ACTION = "retry"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -39,6 +40,17 @@ def parse_button_value(value: str) -> tuple[str, str] | None:
         return str(data["run"]), str(data["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def decision_buttons(run_id: str, step_id: str, *, unknown: bool, block_id: str) -> ActionsBlock:
+    """Approve / Skip for a step waiting for approval; Retry / Skip for one whose outcome is unknown."""
+    value = button_value(run_id, step_id)
+    first = (ButtonElement(text=PlainTextObject(text=messages.RETRY), action_id=RETRY_ACTION, value=value,
+                           style="primary") if unknown else
+             ButtonElement(text=PlainTextObject(text=messages.APPROVE), action_id=APPROVE_ACTION, value=value,
+                           style="primary"))
+    return ActionsBlock(block_id=block_id, elements=[
+        first, ButtonElement(text=PlainTextObject(text=messages.SKIP), action_id=SKIP_ACTION, value=value)])
 
 
 def _decided(step: Step) -> str | None:
@@ -80,17 +92,15 @@ def run_card(run: Run, steps: Sequence[Step]) -> tuple[str, list[Block]]:
         lines = [messages.card_step_line(state=step.state, title=step.title, decided=_decided(step),
                                          detail=_detail(step)) for step in steps]
         blocks.append(SectionBlock(text=MarkdownTextObject(text=_clip("\n".join(lines), 3000))))
-    waiting = next((step for step in steps if step.state == states.STEP_WAITING), None)
+    waiting = next((step for step in steps if step.state in (states.STEP_WAITING, states.UNKNOWN)), None)
     if waiting is not None and run.state == states.WAITING:
         who = (card.get("approvers") or {}).get(waiting.step_id, "anyone in the channel")
-        blocks.append(SectionBlock(text=MarkdownTextObject(text=messages.card_waiting(title=waiting.title,
-                                                                                      approvers=who))))
-        value = button_value(run.id, waiting.step_id)
-        blocks.append(ActionsBlock(block_id=f"run:{run.id}:{waiting.step_id}", elements=[
-            ButtonElement(text=PlainTextObject(text=messages.APPROVE), action_id=APPROVE_ACTION, value=value,
-                          style="primary"),
-            ButtonElement(text=PlainTextObject(text=messages.SKIP), action_id=SKIP_ACTION, value=value),
-        ]))
+        unknown = waiting.state == states.UNKNOWN
+        prompt = (messages.card_unknown(title=waiting.title, approvers=who) if unknown
+                  else messages.card_waiting(title=waiting.title, approvers=who))
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=prompt)))
+        blocks.append(decision_buttons(run.id, waiting.step_id, unknown=unknown,
+                                       block_id=f"run:{run.id}:{waiting.step_id}"))
     status = messages.STATUS_TEXT.get(run.state, run.state)
     context = f"{status} · run `{run.id}` · `{run.workflow}`"
     blocks.append(ContextBlock(elements=[MarkdownTextObject(text=context)]))

@@ -7,9 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from slack_sdk.models.blocks import (
-    ActionsBlock,
     Block,
-    ButtonElement,
     ContextBlock,
     DividerBlock,
     HeaderBlock,
@@ -24,7 +22,7 @@ from bot.engine import states
 from bot.engine.context import run_url
 from bot.services import Services
 from bot.slack import messages
-from bot.slack.blocks import APPROVE_ACTION, SKIP_ACTION, button_value
+from bot.slack.blocks import decision_buttons
 from bot.slack.people import LookupFailed
 from bot.store.models import Run, Step, Subscription
 
@@ -66,7 +64,8 @@ async def build_home(services: Services, *, team_id: str, user_id: str, notice: 
             last_runs = {(run.workflow, run.channel_id): run for run in rows.scalars()}
         waiting_rows = list((await session.execute(
             select(Run, Step).join(Step, Step.run_id == Run.id)
-            .where(Run.team_id == team_id, Run.state == states.WAITING, Step.state == states.STEP_WAITING)
+            .where(Run.team_id == team_id, Run.state == states.WAITING,
+                   Step.state.in_([states.STEP_WAITING, states.UNKNOWN]))
             .order_by(Run.created_at.desc()).limit(50))).all())
         latest = list((await session.execute(select(Run).where(Run.team_id == team_id)
                                              .order_by(Run.created_at.desc()).limit(MAX_LATEST))).scalars())
@@ -84,11 +83,8 @@ async def build_home(services: Services, *, team_id: str, user_id: str, notice: 
         blocks.append(SectionBlock(text=MarkdownTextObject(
             text=f"*{messages.escape(step.title)}* · `{run.workflow}` in <#{run.channel_id}> · run `{run.id}`\n"
                  f"{summary}\n<{run_url(run)}|Open the thread>"[:3000])))
-        value = button_value(run.id, step.step_id)
-        blocks.append(ActionsBlock(block_id=f"home:{run.id}:{step.step_id}", elements=[
-            ButtonElement(text=PlainTextObject(text=messages.APPROVE), action_id=APPROVE_ACTION, value=value,
-                          style="primary"),
-            ButtonElement(text=PlainTextObject(text=messages.SKIP), action_id=SKIP_ACTION, value=value)]))
+        blocks.append(decision_buttons(run.id, step.step_id, unknown=step.state == states.UNKNOWN,
+                                       block_id=f"home:{run.id}:{step.step_id}"))
     if not shown:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text="Nothing is waiting for you.")]))
 

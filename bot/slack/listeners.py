@@ -20,7 +20,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.errors import UserError, reference_id
 from bot.services import Services
 from bot.slack import actions, commands, home, lifecycle, messages, secrets
-from bot.slack.blocks import APPROVE_ACTION, SKIP_ACTION
+from bot.slack.blocks import APPROVE_ACTION, RETRY_ACTION, SKIP_ACTION
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def build_bolt_app(services: Services) -> AsyncApp:
 
     app.action(APPROVE_ACTION)(on_click)
     app.action(SKIP_ACTION)(on_click)
+    app.action(RETRY_ACTION)(on_click)
 
     @app.event("app_home_opened")
     async def on_home(event: dict[str, Any], body: dict[str, Any]) -> None:

@@ -111,6 +111,19 @@ def thread_step_finished(*, title: str, outcome: str, seconds: float | None, res
     return f"{icon} {step_name(title)} {outcome.replace('_', ' ')} in {duration(seconds)}{tail}"
 
 
+def thread_step_unknown(*, title: str, action: str) -> str:
+    return (f":grey_question: {step_name(title)}: outcome unknown. The process running `{action}` stopped before it "
+            "finished, and it may or may not have taken effect. Check, then choose *Retry* or *Skip* on the card.")
+
+
+def card_unknown(*, title: str, approvers: str) -> str:
+    return f":grey_question: *{escape(title)}*: outcome unknown — retry it or skip it ({approvers})"
+
+
+def thread_step_retry_requested(*, title: str, user_id: str, name: str | None) -> str:
+    return f":repeat: {step_name(title)}: {user(user_id, name)} chose to retry it."
+
+
 def thread_step_retry(*, title: str, attempt: int, attempts: int, error: str, delay: timedelta) -> str:
     return (f":repeat: {step_name(title)} failed (attempt {attempt} of {attempts}): {escape(error)}. "
             f"Retrying in {span(delay)}.")
@@ -148,11 +161,12 @@ STEP_ICON = {
     "pending": ":white_circle:", "waiting": ":double_vertical_bar:", "approved": ":white_check_mark:",
     "running": ":arrows_counterclockwise:", "succeeded": ":heavy_check_mark:", "failed": ":x:",
     "skipped": ":black_right_pointing_double_triangle_with_vertical_bar:", "timed_out": ":hourglass:",
-    "cancelled": ":octagonal_sign:",
+    "cancelled": ":octagonal_sign:", "unknown": ":grey_question:",
 }
 
 APPROVE = "Approve"
 SKIP = "Skip"
+RETRY = "Retry"
 
 
 def card_waiting(*, title: str, approvers: str) -> str:
