@@ -34,7 +34,7 @@ from bot.engine.loader import CompiledWorkflow
 from bot.engine.triggers.config import PollTrigger
 from bot.engine.triggers.lease import release
 from bot.errors import DecryptionError, ExpressionError
-from bot.masking import LogMasker, Masker
+from bot.masking import LogMasker
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
 from bot.store.models import PollSeenKey, Secret, Subscription, TriggerState
@@ -147,12 +147,16 @@ class Poller:
                    config: PollTrigger, now: datetime) -> None:
         """Poll once for a claimed state row and release it with the outcome."""
         params = params_with_defaults(workflow, subscription.params)
-        secrets: dict[str, str] = {}
         try:
             secrets = await self._secrets(subscription.team_id, secret_names(config.compiled_request))
+        except PollFailed as exc:
+            await self._failed(state, config, str(exc)[:ERROR_CHARS], now)
+            return
+        masker = await self.log_masker.masker_for(secrets.values())  # also masks them in the logs
+        try:
             answer = await self._fetch(config, state, params, secrets)
         except PollFailed as exc:
-            await self._failed(state, config, Masker(secrets.values()).text(str(exc))[:ERROR_CHARS], now)
+            await self._failed(state, config, masker.text(str(exc))[:ERROR_CHARS], now)
             return
         if answer.not_modified:
             await release(self.db, state, self.owner, last_success_at=now, next_at=now + config.every,
@@ -182,7 +186,6 @@ class Poller:
                                                                 sealed=row.ciphertext)).decode()
                 except (DecryptionError, UnicodeDecodeError) as exc:
                     raise PollFailed(f"the secret {row.name} cannot be decrypted ({exc})") from None
-        self.log_masker.register(*values.values())
         missing = sorted(names - set(values))
         if missing:
             raise PollFailed(f"the secret {', '.join(missing)} is not set in this workspace; an admin can set it "
