@@ -25,7 +25,7 @@ from bot.engine.triggers import schedule
 from bot.engine.triggers.config import PollTrigger, ScheduleTrigger
 from bot.engine.triggers.lease import StateKey, claim_due, release, release_all
 from bot.engine.triggers.poll import Poller, backoff
-from bot.engine.worker import Wakeup
+from bot.engine.worker import Wakeup, stop_loop
 from bot.errors import reference_id
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
@@ -68,18 +68,19 @@ class TriggerLoop:
         self._task: asyncio.Task[None] | None = None
         # One round at a time in this process: a round asked for by hand waits for the loop's own.
         self._round = asyncio.Lock()
+        self._stopping = False
 
     def wake(self) -> None:
         self.wakeup.set()
 
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name="relaybot-triggers")
 
     async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_loop(self._task, self.wakeup)
         if self._active:
             _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
             for task in pending:
@@ -91,7 +92,7 @@ class TriggerLoop:
             log.exception("could not release the trigger leases of this process; they expire by themselves")
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except asyncio.CancelledError:
