@@ -194,7 +194,9 @@ class TriggerLoop:
             workflow = self.catalog.get(subscription.workflow) if subscription else None
             config = workflow.triggers.get(trigger) if workflow else None
             if state is None or subscription is None or workflow is None or config is None:
-                return  # disabled meanwhile: the next sync removes the state
+                if state is not None:  # disabled meanwhile (the next sync removes it), or not in this catalog
+                    await release(self.db, state, self.owner)
+                return
             if state.config_hash != config.fingerprint():  # type: ignore[attr-defined]
                 await release(self.db, state, self.owner)  # changed meanwhile: the next sync resets it
                 return
