@@ -17,13 +17,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy import text as sql
 
 from bot.engine.journal import CARD, POST, REPLY
@@ -54,6 +54,22 @@ METADATA_EVENT = "relaybot_message"
 def _metadata(**payload: Any) -> dict[str, Any]:
     """Message metadata that lets a later delivery recognise this message in the channel's history."""
     return {"event_type": METADATA_EVENT, "event_payload": payload}
+
+
+@dataclass
+class _Delivery:
+    """One lane being delivered: what was read at the start, and what happened, written back at the end."""
+
+    rows: list[OutboxMessage]
+    run: Run | None
+    steps: list[Step]
+    card_ts: str | None
+    new_card_ts: str | None = None
+    shown: list[dict[str, Any]] | None = None
+    sent: dict[int, str | None] = field(default_factory=dict)
+    superseded: list[int] = field(default_factory=list)
+    postponed: tuple[OutboxMessage, RetryLater] | None = None
+    failed: tuple[OutboxMessage, str] | None = None
 
 
 class PermanentFailure(Exception):
@@ -204,8 +220,11 @@ class Outbox:
 
     async def _deliver_lane(self, lane: str) -> None:
         renewer = asyncio.create_task(self._renew(lane))
+        delivery: _Delivery | None = None
         try:
-            await self._drain(lane)
+            delivery = await self._load_lane(lane)
+            if delivery is not None:
+                await self._drain(delivery)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -213,36 +232,37 @@ class Outbox:
         finally:
             renewer.cancel()
             self._active.pop(lane, None)
-            async with self.db.write() as session:
-                await session.execute(update(OutboxMessage)
-                                      .where(OutboxMessage.lane == lane, OutboxMessage.lease_owner == self.owner)
-                                      .values(lease_owner=None, lease_until=None))
+            await self._flush(lane, delivery)
             self.wakeup.set()
 
-    async def _pending(self, lane: str) -> list[OutboxMessage]:
+    async def _load_lane(self, lane: str) -> _Delivery | None:
+        """The lane's claimed messages, and its run and steps: one read for the whole delivery."""
         async with self.db.read() as session:
-            rows = await session.execute(select(OutboxMessage).where(
+            rows = list((await session.execute(select(OutboxMessage).where(
                 OutboxMessage.lane == lane, OutboxMessage.state == "pending",
                 OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > datetime.now(UTC))
-                .order_by(OutboxMessage.id))
-            return list(rows.scalars())
+                .order_by(OutboxMessage.id))).scalars())
+            if not rows:
+                return None
+            run_id = rows[0].run_id
+            run = await session.get(Run, run_id) if run_id else None
+            steps = list((await session.execute(select(Step).where(Step.run_id == run_id)
+                                                .order_by(Step.position))).scalars()) if run_id else []
+        return _Delivery(rows=rows, run=run, steps=steps, card_ts=run.card_ts if run else None)
 
-    async def _drain(self, lane: str) -> None:
-        """Deliver the lane's claimed messages in order until none are left or one must wait."""
-        while True:
-            messages = await self._pending(lane)
-            if not messages:
-                return
-            head = messages[0]
-            if head.not_before > datetime.now(UTC):
+    async def _drain(self, delivery: _Delivery) -> None:
+        """Deliver the lane's messages in order until none are left or one must wait."""
+        now = datetime.now(UTC)
+        for index, message in enumerate(delivery.rows):
+            if message.not_before > now:
                 return
             try:
-                await self._deliver(head, messages)
+                await self._deliver(delivery, message, later=delivery.rows[index + 1:])
             except RetryLater as later:
-                await self._postpone(lane, head, later)
+                delivery.postponed = (message, later)
                 return
             except PermanentFailure as failure:
-                await self._fail_lane(lane, head, str(failure))
+                delivery.failed = (message, str(failure))
                 return
 
     async def _wait_for_channel(self, channel: str) -> None:
@@ -303,99 +323,104 @@ class Outbox:
                 return str(message["ts"])
         return None
 
-    async def _deliver(self, head: OutboxMessage, lane_messages: list[OutboxMessage]) -> None:
-        if head.kind == POST:
-            ts = await self._already_posted(head, thread_ts=None, card_of=None)
+    async def _deliver(self, delivery: _Delivery, message: OutboxMessage, *, later: list[OutboxMessage]) -> None:
+        if message.kind == POST:
+            ts = await self._already_posted(message, thread_ts=None, card_of=None)
             if ts is None:
-                result = await self._call(head.team_id, head.channel_id, "chat.postMessage",
-                                          channel=head.channel_id, metadata=_metadata(outbox=head.id),
-                                          **head.payload)
+                result = await self._call(message.team_id, message.channel_id, "chat.postMessage",
+                                          channel=message.channel_id, metadata=_metadata(outbox=message.id),
+                                          **message.payload)
                 ts = result.get("ts")
-            await self._mark_sent([head.id], ts)
+            delivery.sent[message.id] = ts
             return
-        run_id = head.run_id
-        assert run_id is not None
-        async with self.db.read() as session:
-            run = await session.get(Run, run_id)
-            if run is None:
-                raise PermanentFailure(f"run {run_id} is gone")
-            card_ts = run.card_ts
-        if card_ts is None:
-            # The card goes first, whatever row is at the head: replies need its ts for their thread.
-            card_rows = [m.id for m in lane_messages if m.kind == CARD and m.id <= head.id] or []
-            ts = await self._already_posted(head, thread_ts=None, card_of=run_id)
+        run = delivery.run
+        if run is None:
+            raise PermanentFailure(f"run {message.run_id} is gone")
+        if delivery.card_ts is None:
+            # The card goes first, whatever message is first: replies need its ts for their thread.
+            ts = await self._already_posted(message, thread_ts=None, card_of=run.id)
             if ts is None:
-                ts = await self._post_card(run_id, update_ts=None)
-            else:
-                await self._store_card_ts(run_id, ts)
-            await self._mark_sent(card_rows, ts)
-            return
-        if head.kind == REPLY:
-            ts = await self._already_posted(head, thread_ts=card_ts, card_of=None)
+                ts = await self._post_card(delivery, run)
+            delivery.card_ts = delivery.new_card_ts = ts
+            if message.kind == CARD:
+                delivery.sent[message.id] = ts
+                return
+        if message.kind == REPLY:
+            ts = await self._already_posted(message, thread_ts=delivery.card_ts, card_of=None)
             if ts is None:
-                result = await self._call(head.team_id, head.channel_id, "chat.postMessage",
-                                          channel=head.channel_id, thread_ts=card_ts,
-                                          metadata=_metadata(outbox=head.id), **head.payload)
+                result = await self._call(message.team_id, message.channel_id, "chat.postMessage",
+                                          channel=message.channel_id, thread_ts=delivery.card_ts,
+                                          metadata=_metadata(outbox=message.id), **message.payload)
                 ts = result.get("ts")
-            await self._mark_sent([head.id], ts)
+            delivery.sent[message.id] = ts
             return
-        # A card refresh: skip it when a later refresh is also waiting (the later one shows the newer state).
-        later_cards = [m for m in lane_messages if m.kind == CARD and m.id > head.id]
-        if later_cards:
-            await self._mark_sent([head.id], None, superseded=True)
+        # A card refresh: a later refresh in this lane will show a newer state, so this one can go.
+        if any(other.kind == CARD for other in later):
+            delivery.superseded.append(message.id)
             return
-        await self._post_card(run_id, update_ts=card_ts)
-        await self._mark_sent([head.id], card_ts)
+        await self._update_card(delivery, run)
+        delivery.sent[message.id] = delivery.card_ts
 
-    async def _post_card(self, run_id: str, *, update_ts: str | None) -> str:
+    async def _post_card(self, delivery: _Delivery, run: Run) -> str:
+        text, blocks = run_card(run, delivery.steps)
+        rendered = as_dicts(blocks)
+        result = await self._call(run.team_id, run.channel_id, "chat.postMessage", channel=run.channel_id,
+                                  text=text, blocks=rendered, metadata=_metadata(card=run.id))
+        delivery.shown = rendered
+        return str(result["ts"])
+
+    async def _update_card(self, delivery: _Delivery, run: Run) -> None:
+        """Show the run's state now; no call when the card already shows exactly that."""
         async with self.db.read() as session:
-            run = await session.get(Run, run_id)
-            assert run is not None
-            steps = list((await session.execute(select(Step).where(Step.run_id == run_id)
+            fresh = await session.get(Run, run.id)
+            steps = list((await session.execute(select(Step).where(Step.run_id == run.id)
                                                 .order_by(Step.position))).scalars())
-        text, blocks = run_card(run, steps)
-        if update_ts is None:
-            result = await self._call(run.team_id, run.channel_id, "chat.postMessage", channel=run.channel_id,
-                                      text=text, blocks=as_dicts(blocks), metadata=_metadata(card=run_id))
-            ts = str(result["ts"])
-            await self._store_card_ts(run_id, ts)
-            return ts
-        await self._call(run.team_id, run.channel_id, "chat.update", channel=run.channel_id, ts=update_ts,
-                         text=text, blocks=as_dicts(blocks))
-        return update_ts
-
-    async def _store_card_ts(self, run_id: str, ts: str) -> None:
-        async with self.db.write() as session:
-            await session.execute(update(Run).where(Run.id == run_id, Run.card_ts.is_(None)).values(card_ts=ts))
-
-    async def _mark_sent(self, ids: list[int], ts: str | None, *, superseded: bool = False) -> None:
-        if not ids:
+        assert fresh is not None and delivery.card_ts is not None
+        text, blocks = run_card(fresh, steps)
+        rendered = as_dicts(blocks)
+        if rendered == delivery.shown:
             return
-        async with self.db.write() as session:
-            await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(ids)).values(
-                state="superseded" if superseded else "sent", sent_at=datetime.now(UTC), result_ts=ts,
-                lease_owner=None, lease_until=None))
+        await self._call(fresh.team_id, fresh.channel_id, "chat.update", channel=fresh.channel_id,
+                         ts=delivery.card_ts, text=text, blocks=rendered)
+        delivery.shown = rendered
 
-    async def _postpone(self, lane: str, head: OutboxMessage, later: RetryLater) -> None:
-        attempts = head.attempts + (0 if later.rate_limited else 1)
-        delay = later.delay if later.rate_limited else min(MAX_BACKOFF, 2 ** min(attempts, 9) * 0.5)
-        log.info("outbox: %s (lane %s) postponed %.1fs: %s", head.kind, lane, delay, later.reason)
+    async def _flush(self, lane: str, delivery: _Delivery | None) -> None:
+        """Everything this delivery learned, in one transaction; then the lane is free for anyone again."""
+        now = datetime.now(UTC)
         async with self.db.write() as session:
-            await session.execute(update(OutboxMessage).where(OutboxMessage.id == head.id).values(
-                attempts=attempts, last_error=later.reason,
-                not_before=datetime.now(UTC) + timedelta(seconds=delay)))
-
-    async def _fail_lane(self, lane: str, head: OutboxMessage, reason: str) -> None:
-        # Without the head message (usually the card) the rest of the lane cannot be delivered either.
-        log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", lane, head.channel_id,
-                  head.team_id, reason)
-        async with self.db.write() as session:
-            await session.execute(update(OutboxMessage).where(OutboxMessage.lane == lane,
-                                                              OutboxMessage.state == "pending").values(
-                state="failed", last_error=reason, lease_owner=None, lease_until=None))
-        if self.on_undeliverable is not None:
+            if delivery is not None:
+                if delivery.new_card_ts and delivery.run is not None:
+                    await session.execute(update(Run).where(Run.id == delivery.run.id, Run.card_ts.is_(None))
+                                          .values(card_ts=delivery.new_card_ts))
+                if delivery.sent:
+                    timestamps = {key: value for key, value in delivery.sent.items() if value is not None}
+                    await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(delivery.sent)))
+                                          .values(state="sent", sent_at=now, result_ts=case(
+                                              timestamps, value=OutboxMessage.id) if timestamps else None))
+                if delivery.superseded:
+                    await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(delivery.superseded))
+                                          .values(state="superseded", sent_at=now))
+                if delivery.postponed is not None:
+                    message, later = delivery.postponed
+                    attempts = message.attempts + (0 if later.rate_limited else 1)
+                    delay = later.delay if later.rate_limited else min(MAX_BACKOFF, 2 ** min(attempts, 9) * 0.5)
+                    log.info("outbox: %s (lane %s) postponed %.1fs: %s", message.kind, lane, delay, later.reason)
+                    await session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(
+                        attempts=attempts, last_error=later.reason, not_before=now + timedelta(seconds=delay)))
+                if delivery.failed is not None:
+                    message, reason = delivery.failed
+                    # Without it (usually the card) the rest of the lane cannot be delivered either.
+                    log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", lane,
+                              message.channel_id, message.team_id, reason)
+                    await session.execute(update(OutboxMessage).where(
+                        OutboxMessage.lane == lane, OutboxMessage.state == "pending",
+                        OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
+            await session.execute(update(OutboxMessage)
+                                  .where(OutboxMessage.lane == lane, OutboxMessage.lease_owner == self.owner)
+                                  .values(lease_owner=None, lease_until=None))
+        if delivery is not None and delivery.failed is not None and self.on_undeliverable is not None:
             try:
-                await self.on_undeliverable(head, reason)
+                await self.on_undeliverable(*delivery.failed)
             except Exception:
                 log.exception("could not tell anyone that lane %s is undeliverable", lane)
 

@@ -1,0 +1,100 @@
+"""The Slack outbox: Slack saying 429 and 500 for a while, pacing per channel, and the metrics it leaves."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+
+from tests.conftest import CHANNEL, TEAM, connection_from, write_workflow
+
+WORKFLOW = """
+name: notify
+on: webhook
+steps:
+  - id: a
+    uses: http.request
+    with: {url: "TARGET/a"}
+"""
+
+
+async def setup(make_bot, workflows, target, **env):
+    write_workflow(workflows, "notify", WORKFLOW.replace("TARGET", target.url))
+    bot = await make_bot(**env)
+    url, secret = connection_from(await bot.command("enable notify"), "webhook")
+
+    async def fire(index: int) -> None:
+        status, _ = await bot.post(url, json.dumps({"summary": f"event {index}"}).encode(),
+                                   {"Authorization": f"Bearer {secret}", "X-Request-Id": f"e{index}"})
+        assert status == 202
+
+    return bot, fire
+
+
+async def test_slack_refusing_for_a_while_then_everything_arrives_once_and_in_order(make_bot, workflows, target,
+                                                                                     slack):
+    bot, fire = await setup(make_bot, workflows, target)
+    slack.fail("chat.postMessage", status=429, headers={"Retry-After": "1"}, times=12)
+    slack.fail("chat.postMessage", status=500, error="internal_error", times=8)
+    for index in range(5):
+        await fire(index)
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 5, timeout=60)
+    for card in bot.cards():
+        await bot.wait_thread(card, "Run succeeded", timeout=60)
+    await bot.settle(timeout=60)
+    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
+    for card in bot.cards():
+        thread = bot.thread_texts(card)
+        assert len(thread) == len(expected), thread
+        assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
+    summaries = Counter(re.search(r"event \d", message.text).group(0) for message in bot.cards())
+    assert len(summaries) == 5 and set(summaries.values()) == {1}
+    refused = [call for call in slack.calls if call.method == "chat.postMessage" and call.status in (429, 500)]
+    assert len(refused) == 20
+    async with bot.http().get(f"{bot.url}/metrics") as response:
+        metrics = await response.text()
+    assert 'relaybot_slack_api_retries_total{method="chat.postMessage",reason="429"} 12.0' in metrics
+    assert 'relaybot_slack_api_retries_total{method="chat.postMessage",reason="5xx"} 8.0' in metrics
+    assert "relaybot_outbox_depth 0.0" in metrics
+
+
+async def test_messages_are_paced_per_channel(make_bot, workflows, target, slack):
+    bot, fire = await setup(make_bot, workflows, target, slack_channel_rate=4)
+    for index in range(4):
+        await fire(index)
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 4, timeout=30)
+    for card in bot.cards():
+        await bot.wait_thread(card, "Run succeeded", timeout=30)
+    await bot.settle(timeout=30)
+    posts = sorted(call.at for call in slack.calls
+                   if call.method in ("chat.postMessage", "chat.update") and call.args.get("channel") == CHANNEL)
+    assert len(posts) >= 16
+    # A burst of 3, then no more than 4 a second: 16+ messages need at least (16 - 3) / 4 seconds.
+    assert posts[-1] - posts[0] >= (len(posts) - 3) / 4 - 0.3
+    for first, second in zip(posts[3:], posts[7:], strict=False):
+        assert second - first >= 0.9, "more than 4 messages in a second in one channel"
+
+
+async def test_metrics_cover_the_whole_path(make_bot, workflows, target, slack):
+    bot, fire = await setup(make_bot, workflows, target)
+    await fire(1)
+    await fire(1)  # a duplicate
+    await bot.post(bot.url + "/hooks/c_unknown", b"{}", {})
+    await bot.slack.wait_for(lambda: bot.cards())
+    await bot.wait_thread(bot.cards()[0], "Run succeeded")
+    await bot.settle()
+    started = time.monotonic()
+    async with bot.http().get(f"{bot.url}/metrics") as response:
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+        metrics = await response.text()
+    assert time.monotonic() - started < 5
+    for line in ('relaybot_events_received_total{source="webhook"} 1.0',
+                 'relaybot_events_duplicate_total{source="webhook"} 1.0',
+                 'relaybot_events_rejected_total{reason="unknown_connection",source="unknown"} 1.0',
+                 'relaybot_runs_finished_total{outcome="succeeded"} 1.0',
+                 'relaybot_step_duration_seconds_count{action="http.request"} 1.0',
+                 'relaybot_slack_api_calls_total{method="chat.postMessage",result="ok"}',
+                 "relaybot_outbox_depth 0.0", "relaybot_inbox_depth 0.0"):
+        assert line in metrics, line
+    assert TEAM not in metrics  # no workspace ids in label values
