@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.store.db import insert_later
 from bot.store.models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
@@ -90,8 +91,8 @@ async def append(
     reason: str | None = None,
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
-) -> AuditRecord:
-    """Add one record to the workspace's chain, inside the caller's transaction."""
+) -> dict[str, Any]:
+    """Add one record to the workspace's chain, inside the caller's transaction; returns its fields."""
     head = await _lock_head(session, team_id)
     fields: dict[str, Any] = {
         "team_id": team_id, "seq": head.seq + 1, "at": rfc3339(at or datetime.now(UTC)),
@@ -100,11 +101,11 @@ async def append(
         "reason": reason, "details": details or {}, "prev_hash": head.hash,
     }
     fields["hash"] = record_hash(fields)
-    record = AuditRecord(**fields)
-    session.add(record)
+    if not insert_later(session, AuditRecord, fields):
+        session.add(AuditRecord(**fields))
     head.seq = fields["seq"]
     head.hash = fields["hash"]
-    return record
+    return fields
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from bot.engine.expressions import Scope
 from bot.engine.states import FINAL_STEP_STATES
 from bot.store.models import Event, Run, Step
 
@@ -39,13 +40,13 @@ def step_data(step: Step) -> dict[str, Any]:
     }
 
 
-def expression_context(*, run: Run, event: Event, steps: Iterable[Step]) -> dict[str, Any]:
+def expression_context(*, run: Run, event: Event, steps: Iterable[Step]) -> Scope:
     """Everything but secrets, which only a step's inputs may see, at the moment it runs."""
-    return {
+    return Scope({
         "event": event.payload,
         "trigger": trigger_data(event),
         "params": dict(run.context.get("params", {})),
         "steps": {step.step_id: step_data(step) for step in steps},
         "run": {"id": run.id, "url": run_url(run), "workflow": run.workflow, "channel": run.channel_id,
                 "started_by": run.started_by, "started_by_name": run.started_by_name, "team": run.team_id},
-    }
+    })

@@ -44,14 +44,33 @@ def _cel_message(exc: Exception) -> str:
     return _first_line(text)
 
 
+class Scope(dict[str, Any]):
+    """An expression context whose CEL form is built once and shared by every expression evaluated in it.
+
+    Converting a payload to CEL values costs far more than evaluating an expression (a 2 KB webhook: ~230 µs
+    against ~10 µs), and a card renders a dozen expressions against the same data.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cel: Any = None
+
+    def cel_context(self) -> Any:
+        if self._cel is None:
+            self._cel = cel.Context(variables=dict(self), functions=_functions())
+        return self._cel
+
+
 @dataclass(frozen=True)
 class Expression:
     source: str
     program: Any
 
     def evaluate(self, context: dict[str, Any]) -> Any:
+        prepared = (context.cel_context() if isinstance(context, Scope)
+                    else cel.Context(variables=context, functions=_functions()))
         try:
-            return self.program.execute(cel.Context(variables=context, functions=_functions()))
+            return self.program.execute(prepared)
         except KeyError as exc:
             raise ExpressionError(f"`{self.source}`: no such key {exc}") from None
         except Exception as exc:  # CEL raises ValueError, TypeError, ZeroDivisionError, RuntimeError...

@@ -22,9 +22,11 @@ from bot.engine import journal, states
 from bot.engine.cards import render_card
 from bot.engine.context import trigger_data
 from bot.engine.loader import Catalog, CompiledWorkflow
+from bot.engine.runner import finish_run
 from bot.errors import ExpressionError
 from bot.ids import new_run_id
 from bot.slack import messages
+from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.inbox import NewEvent
 from bot.store.models import Event, Run, Step, Subscription, WorkflowVersion
@@ -82,7 +84,10 @@ def _condition(workflow: CompiledWorkflow, event: Event, params: dict[str, Any])
         return False
 
 
-async def _matches(session: AsyncSession, catalog: Catalog, event: Event) -> list[Match]:
+async def _matches(session: AsyncSession, catalog: Catalog, event: Event,
+                   subscriptions: dict[str, list[Subscription]] | None = None) -> list[Match]:
+    """The subscriptions this event starts a run for. `subscriptions` (by workspace) saves a query per event when
+    a whole batch is matched."""
     if event.target_workflow is not None:  # `/relay run`: this workflow, in this channel
         workflow = catalog.get(event.target_workflow)
         if workflow is None or event.target_channel is None:
@@ -101,16 +106,21 @@ async def _matches(session: AsyncSession, catalog: Catalog, event: Event) -> lis
         workflow = catalog.get(subscription.workflow)
         if workflow is None:
             return []
-        return [Match(workflow, subscription.channel_id, params_with_defaults(workflow, subscription.params),
-                      subscription)]
-    names = [workflow.name for workflow in catalog if event.source in workflow.triggers]
+        params = params_with_defaults(workflow, subscription.params)
+        if not _condition(workflow, event, params):
+            return []
+        return [Match(workflow, subscription.channel_id, params, subscription)]
+    names = {workflow.name for workflow in catalog if event.source in workflow.triggers}
     if not names:
         return []
-    rows = await session.execute(select(Subscription).where(Subscription.team_id == event.team_id,
-                                                            Subscription.workflow.in_(names))
-                                 .order_by(Subscription.id))
+    if subscriptions is None:
+        candidates = list((await session.execute(select(Subscription).where(
+            Subscription.team_id == event.team_id, Subscription.workflow.in_(names))
+            .order_by(Subscription.id))).scalars())
+    else:
+        candidates = [s for s in subscriptions.get(event.team_id, []) if s.workflow in names]
     found: list[Match] = []
-    for subscription in rows.scalars():
+    for subscription in candidates:
         workflow = catalog.get(subscription.workflow)
         if workflow is None or not _wants(workflow, event):
             continue
@@ -121,9 +131,10 @@ async def _matches(session: AsyncSession, catalog: Catalog, event: Event) -> lis
 
 
 class Intake:
-    def __init__(self, *, db: Database, catalog: Catalog, batch_size: int = 200) -> None:
+    def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 200) -> None:
         self.db = db
         self.catalog = catalog
+        self.metrics = metrics
         self.batch_size = batch_size
         self._stored_versions: set[str] = set()
 
@@ -138,8 +149,13 @@ class Intake:
             events = list((await session.execute(query)).scalars())
             if not events:
                 return 0
+            subscriptions: dict[str, list[Subscription]] = {}
+            for subscription in (await session.execute(select(Subscription).where(
+                    Subscription.team_id.in_({event.team_id for event in events})).order_by(Subscription.id))
+                                 ).scalars():
+                subscriptions.setdefault(subscription.team_id, []).append(subscription)
             for event in events:
-                for match in await _matches(session, self.catalog, event):
+                for match in await _matches(session, self.catalog, event, subscriptions):
                     await self._start_run(session, event, match, now)
             await session.execute(update(Event).where(Event.id.in_([event.id for event in events]))
                                   .values(processed_at=now))
@@ -196,5 +212,8 @@ class Intake:
             details={"trigger": event.source, "kind": event.kind, "delivery": event.delivery_id,
                      "source_address": event.source_addr, "event_id": event.id, "params": match.params},
             now=now)
+        if not workflow.steps:
+            # Nothing to run: the run ends in the transaction that starts it (no lease, no second round trip).
+            await finish_run(session, run=run, steps=[], now=now, metrics=self.metrics)
         return run
 

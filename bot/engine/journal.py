@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot import audit
 from bot.audit import Actor
+from bot.store.db import insert_later
 from bot.store.models import OutboxMessage, Run
 
 CARD = "card"
@@ -19,13 +20,13 @@ POST = "post"
 
 
 def enqueue(session: AsyncSession, *, team_id: str, channel_id: str, kind: str, payload: dict[str, Any],
-            run_id: str | None = None, now: datetime | None = None) -> OutboxMessage:
+            run_id: str | None = None, now: datetime | None = None) -> None:
     moment = now or datetime.now(UTC)
-    message = OutboxMessage(team_id=team_id, channel_id=channel_id, run_id=run_id, lane=run_id or channel_id,
-                            kind=kind, payload=payload, state="pending", attempts=0, not_before=moment,
-                            created_at=moment)
-    session.add(message)
-    return message
+    row = {"team_id": team_id, "channel_id": channel_id, "run_id": run_id, "lane": run_id or channel_id,
+           "kind": kind, "payload": payload, "state": "pending", "attempts": 0, "not_before": moment,
+           "created_at": moment}
+    if not insert_later(session, OutboxMessage, row):
+        session.add(OutboxMessage(**row))
 
 
 async def transition(

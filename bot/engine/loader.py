@@ -8,6 +8,7 @@ trigger configurations, every CEL expression, the actions and their inputs, and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -111,6 +112,18 @@ class CompiledWorkflow:
     card_link: Template | None
     triggers: dict[str, BaseModel]
     steps: list[CompiledStep] = field(default_factory=list)
+
+    @functools.cached_property
+    def card_follows_progress(self) -> bool:
+        """Whether the card's text can change while the run goes on (it names `steps` or `run`)."""
+        templates = [t for t in (self.card_title, self.card_text, self.card_link) if t is not None]
+        for value in self.card_fields.values():
+            templates.extend(value.templates())
+        names: set[str] = set()
+        for template in templates:
+            for expression in template.expressions():
+                names |= expression.references()
+        return bool(names & {"steps", "run"})
 
     @property
     def name(self) -> str:

@@ -74,6 +74,25 @@ class LeaseLost(Exception):
     pass
 
 
+async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now: datetime, metrics: Metrics) -> None:
+    """Every step is done: the run takes its outcome, and says so in its thread."""
+    outcome = run.outcome or states.SUCCEEDED
+    run.state = outcome
+    run.outcome = outcome
+    run.finished_at = now
+    run.wake_at = None
+    run.lease_owner = None
+    run.lease_until = None
+    counts: dict[str, int] = {}
+    for step in steps:
+        counts[step.state] = counts.get(step.state, 0) + 1
+    seconds = (now - run.created_at).total_seconds()
+    metrics.runs_finished.labels(outcome=outcome).inc()
+    await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
+                             details={"steps": counts, "seconds": round(seconds, 3)},
+                             thread=messages.thread_run_finished(outcome=outcome, counts=counts, seconds=seconds))
+
+
 class ThreadInOrder:
     """A poster whose thread replies wait for the run's earlier replies still in the outbox (up to a few
     seconds), so a `slack.post` into the thread reads after "step started", not before it."""
@@ -152,6 +171,9 @@ class Runner:
         return run, event, steps
 
     def _refresh_card(self, workflow: CompiledWorkflow, run: Run, event: Event, steps: list[Step]) -> None:
+        # Step states are drawn from the steps themselves; only text naming `steps` or `run` must be rendered again.
+        if run.card and not workflow.card_follows_progress:
+            return
         run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -348,21 +370,8 @@ class Runner:
 
     async def _finish(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
                       steps: list[Step], now: datetime) -> None:
-        outcome = run.outcome or states.SUCCEEDED
-        run.state = outcome
-        run.outcome = outcome
-        run.finished_at = now
-        run.wake_at = None
-        counts: dict[str, int] = {}
-        for step in steps:
-            counts[step.state] = counts.get(step.state, 0) + 1
-        seconds = (now - run.created_at).total_seconds()
         self._refresh_card(workflow, run, event, steps)
-        self.metrics.runs_finished.labels(outcome=outcome).inc()
-        await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
-                                 details={"steps": counts, "seconds": round(seconds, 3)},
-                                 thread=messages.thread_run_finished(outcome=outcome, counts=counts,
-                                                                     seconds=seconds))
+        await finish_run(session, run=run, steps=steps, now=now, metrics=self.metrics)
 
     # ------------------------------------------------------------------------------------------ actions
 

@@ -25,12 +25,15 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy import text as sql
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine.journal import CARD, POST, REPLY
+from bot.engine.states import FINAL_RUN_STATES
 from bot.engine.worker import Wakeup, stop_loop
 from bot.metrics import Metrics
 from bot.slack.blocks import as_dicts, run_card
 from bot.slack.client import NoToken, SlackApi
+from bot.store.batching import GroupCommit
 from bot.store.db import Database
 from bot.store.models import OutboxMessage, Run, Step
 
@@ -60,6 +63,7 @@ def _metadata(**payload: Any) -> dict[str, Any]:
 class _Delivery:
     """One lane being delivered: what was read at the start, and what happened, written back at the end."""
 
+    lane: str
     rows: list[OutboxMessage]
     run: Run | None
     steps: list[Step]
@@ -131,6 +135,7 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._suspect: set[int] = set()
+        self._flushes: GroupCommit[_Delivery] = GroupCommit(self._flush)
         metrics.on_scrape(self._refresh_depth)
 
     def wake(self) -> None:
@@ -149,6 +154,7 @@ class Outbox:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._flushes.close()
 
     async def _refresh_depth(self) -> None:
         async with self.db.read() as session:
@@ -203,9 +209,33 @@ class Outbox:
             await session.execute(update(OutboxMessage)
                                   .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
                                   .values(lease_owner=self.owner, lease_until=now + self.lease))
+            deliveries = await self._load_lanes(session, lanes)
         for lane in lanes:
-            self._active[lane] = asyncio.create_task(self._deliver_lane(lane), name=f"outbox-{lane}")
+            self._active[lane] = asyncio.create_task(self._deliver_lane(lane, deliveries.get(lane)),
+                                                     name=f"outbox-{lane}")
         return len(lanes)
+
+    async def _load_lanes(self, session: AsyncSession, lanes: list[str]) -> dict[str, _Delivery]:
+        """The claimed lanes' messages, with their runs and steps: read once, in the claiming transaction."""
+        rows = list((await session.execute(select(OutboxMessage).where(
+            OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending", OutboxMessage.lease_owner == self.owner)
+            .order_by(OutboxMessage.lane, OutboxMessage.id))).scalars())
+        run_ids = {row.run_id for row in rows if row.run_id}
+        runs = {run.id: run for run in (await session.execute(select(Run).where(Run.id.in_(run_ids)))).scalars()}
+        steps: dict[str, list[Step]] = {}
+        for step in (await session.execute(select(Step).where(Step.run_id.in_(run_ids))
+                                           .order_by(Step.run_id, Step.position))).scalars():
+            steps.setdefault(step.run_id, []).append(step)
+        deliveries: dict[str, _Delivery] = {}
+        for row in rows:
+            delivery = deliveries.get(row.lane)
+            if delivery is None:
+                run = runs.get(row.run_id) if row.run_id else None
+                delivery = deliveries[row.lane] = _Delivery(
+                    lane=row.lane, rows=[], run=run, steps=steps.get(row.run_id or "", []),
+                    card_ts=run.card_ts if run else None)
+            delivery.rows.append(row)
+        return deliveries
 
     async def _renew(self, lane: str) -> None:
         """Keep the lane's lease while delivering (a 429 wait can be long): a live deliverer is never overtaken."""
@@ -218,13 +248,11 @@ class Outbox:
                     OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > now)
                     .values(lease_until=now + self.lease))
 
-    async def _deliver_lane(self, lane: str) -> None:
+    async def _deliver_lane(self, lane: str, delivery: _Delivery | None) -> None:
         renewer = asyncio.create_task(self._renew(lane))
-        delivery: _Delivery | None = None
+        delivery = delivery or _Delivery(lane=lane, rows=[], run=None, steps=[], card_ts=None)
         try:
-            delivery = await self._load_lane(lane)
-            if delivery is not None:
-                await self._drain(delivery)
+            await self._drain(delivery)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -232,23 +260,16 @@ class Outbox:
         finally:
             renewer.cancel()
             self._active.pop(lane, None)
-            await self._flush(lane, delivery)
+            try:
+                await self._flushes.submit(delivery)
+            except Exception:
+                log.exception("outbox lane %s: recording its delivery failed; its lease will expire", lane)
+            if delivery.failed is not None and self.on_undeliverable is not None:
+                try:
+                    await self.on_undeliverable(*delivery.failed)
+                except Exception:
+                    log.exception("could not tell anyone that lane %s is undeliverable", lane)
             self.wakeup.set()
-
-    async def _load_lane(self, lane: str) -> _Delivery | None:
-        """The lane's claimed messages, and its run and steps: one read for the whole delivery."""
-        async with self.db.read() as session:
-            rows = list((await session.execute(select(OutboxMessage).where(
-                OutboxMessage.lane == lane, OutboxMessage.state == "pending",
-                OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > datetime.now(UTC))
-                .order_by(OutboxMessage.id))).scalars())
-            if not rows:
-                return None
-            run_id = rows[0].run_id
-            run = await session.get(Run, run_id) if run_id else None
-            steps = list((await session.execute(select(Step).where(Step.run_id == run_id)
-                                                .order_by(Step.position))).scalars()) if run_id else []
-        return _Delivery(rows=rows, run=run, steps=steps, card_ts=run.card_ts if run else None)
 
     async def _drain(self, delivery: _Delivery) -> None:
         """Deliver the lane's messages in order until none are left or one must wait."""
@@ -371,11 +392,13 @@ class Outbox:
 
     async def _update_card(self, delivery: _Delivery, run: Run) -> None:
         """Show the run's state now; no call when the card already shows exactly that."""
-        async with self.db.read() as session:
-            fresh = await session.get(Run, run.id)
-            steps = list((await session.execute(select(Step).where(Step.run_id == run.id)
-                                                .order_by(Step.position))).scalars())
-        assert fresh is not None and delivery.card_ts is not None
+        fresh, steps = run, delivery.steps
+        if run.state not in FINAL_RUN_STATES:  # a finished run's card no longer changes: no need to look again
+            async with self.db.read() as session:
+                fresh = await session.get(Run, run.id) or run
+                steps = list((await session.execute(select(Step).where(Step.run_id == run.id)
+                                                    .order_by(Step.position))).scalars())
+        assert delivery.card_ts is not None
         text, blocks = run_card(fresh, steps)
         rendered = as_dicts(blocks)
         if rendered == delivery.shown:
@@ -384,45 +407,46 @@ class Outbox:
                          ts=delivery.card_ts, text=text, blocks=rendered)
         delivery.shown = rendered
 
-    async def _flush(self, lane: str, delivery: _Delivery | None) -> None:
-        """Everything this delivery learned, in one transaction; then the lane is free for anyone again."""
+    async def _flush(self, deliveries: list[_Delivery]) -> None:
+        """What these deliveries learned, in one transaction (statements shared across lanes); then the lanes
+        are free for anyone again."""
         now = datetime.now(UTC)
+        card_ts = {d.run.id: d.new_card_ts for d in deliveries if d.new_card_ts and d.run is not None}
+        sent = {key: value for d in deliveries for key, value in d.sent.items()}
+        timestamps = {key: value for key, value in sent.items() if value is not None}
+        superseded = [message_id for d in deliveries for message_id in d.superseded]
         async with self.db.write() as session:
-            if delivery is not None:
-                if delivery.new_card_ts and delivery.run is not None:
-                    await session.execute(update(Run).where(Run.id == delivery.run.id, Run.card_ts.is_(None))
-                                          .values(card_ts=delivery.new_card_ts))
-                if delivery.sent:
-                    timestamps = {key: value for key, value in delivery.sent.items() if value is not None}
-                    await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(delivery.sent)))
-                                          .values(state="sent", sent_at=now, result_ts=case(
-                                              timestamps, value=OutboxMessage.id) if timestamps else None))
-                if delivery.superseded:
-                    await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(delivery.superseded))
-                                          .values(state="superseded", sent_at=now))
+            if card_ts:
+                await session.execute(update(Run).where(Run.id.in_(list(card_ts)), Run.card_ts.is_(None))
+                                      .values(card_ts=case(card_ts, value=Run.id)))
+            if sent:
+                await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(sent))).values(
+                    state="sent", sent_at=now,
+                    result_ts=case(timestamps, value=OutboxMessage.id) if timestamps else None))
+            if superseded:
+                await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
+                                      .values(state="superseded", sent_at=now))
+            for delivery in deliveries:
                 if delivery.postponed is not None:
                     message, later = delivery.postponed
                     attempts = message.attempts + (0 if later.rate_limited else 1)
                     delay = later.delay if later.rate_limited else min(MAX_BACKOFF, 2 ** min(attempts, 9) * 0.5)
-                    log.info("outbox: %s (lane %s) postponed %.1fs: %s", message.kind, lane, delay, later.reason)
+                    log.info("outbox: %s (lane %s) postponed %.1fs: %s", message.kind, delivery.lane, delay,
+                             later.reason)
                     await session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(
                         attempts=attempts, last_error=later.reason, not_before=now + timedelta(seconds=delay)))
                 if delivery.failed is not None:
                     message, reason = delivery.failed
                     # Without it (usually the card) the rest of the lane cannot be delivered either.
-                    log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", lane,
+                    log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", delivery.lane,
                               message.channel_id, message.team_id, reason)
                     await session.execute(update(OutboxMessage).where(
-                        OutboxMessage.lane == lane, OutboxMessage.state == "pending",
+                        OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
                         OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
             await session.execute(update(OutboxMessage)
-                                  .where(OutboxMessage.lane == lane, OutboxMessage.lease_owner == self.owner)
+                                  .where(OutboxMessage.lane.in_([d.lane for d in deliveries]),
+                                         OutboxMessage.lease_owner == self.owner)
                                   .values(lease_owner=None, lease_until=None))
-        if delivery is not None and delivery.failed is not None and self.on_undeliverable is not None:
-            try:
-                await self.on_undeliverable(*delivery.failed)
-            except Exception:
-                log.exception("could not tell anyone that lane %s is undeliverable", lane)
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""

@@ -14,12 +14,35 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 BUSY_TIMEOUT_MS = 30_000
+BULK_KEY = "relaybot.insert_later"
+
+
+def insert_later(session: AsyncSession, model: type[Any], row: dict[str, Any]) -> bool:
+    """Queue a row to be inserted with others of its table in one statement at the end of the transaction.
+
+    The ORM inserts rows whose primary key it must learn one statement at a time; rows nobody reads back in
+    the same transaction (audit records, outbox messages) need not pay for that. False when the session is
+    not one of `Database.write()`'s, and the caller should add the row itself.
+    """
+    pending = session.info.get(BULK_KEY)
+    if pending is None:
+        return False
+    pending.setdefault(model, []).append(row)
+    return True
+
+
+async def flush_later(session: AsyncSession) -> None:
+    pending: dict[type[Any], list[dict[str, Any]]] = session.info.get(BULK_KEY) or {}
+    for model, rows in pending.items():
+        if rows:
+            await session.execute(insert(model), rows)
+    pending.clear()
 
 
 def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
@@ -31,6 +54,9 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
         max_overflow=0,
         pool_timeout=BUSY_TIMEOUT_MS / 1000,
         connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
+        # Every transaction ends in an explicit COMMIT or ROLLBACK; a second ROLLBACK on check-in would only cost
+        # another trip to aiosqlite's thread.
+        pool_reset_on_return=None,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -46,7 +72,10 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+        # Writers take the write lock up front. Readers run each SELECT in its own implicit transaction: a WAL
+        # reader never blocks anyone, and a read-only "transaction" would only add BEGIN/COMMIT round trips.
+        if writer:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -85,7 +114,9 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncSession]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
         async with self._write_sessions() as session, session.begin():
+            session.info[BULK_KEY] = {}
             yield session
+            await flush_later(session)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
