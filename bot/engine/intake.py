@@ -25,8 +25,8 @@ from bot.engine.loader import Catalog, CompiledWorkflow
 from bot.engine.runner import finish_run
 from bot.errors import ExpressionError
 from bot.ids import new_run_id
-from bot.slack import messages
 from bot.metrics import Metrics
+from bot.slack import messages
 from bot.store.db import Database
 from bot.store.inbox import NewEvent
 from bot.store.models import Event, Run, Step, Subscription, WorkflowVersion
@@ -130,8 +130,15 @@ async def _matches(session: AsyncSession, catalog: Catalog, event: Event,
     return found
 
 
+@dataclass
+class _Planned:
+    run: Run
+    steps: list[Step]
+    match: Match
+
+
 class Intake:
-    def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 200) -> None:
+    def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 100) -> None:
         self.db = db
         self.catalog = catalog
         self.metrics = metrics
@@ -139,14 +146,16 @@ class Intake:
         self._stored_versions: set[str] = set()
 
     async def process_batch(self) -> int:
-        """Turn up to `batch_size` pending events into runs; returns how many events were taken."""
+        """Turn up to `batch_size` pending events into runs; returns how many events were taken.
+
+        The work that costs (matching, CEL, rendering cards) is done before the write transaction, which then
+        only claims the events and inserts the runs: the database's one writer is held for as short a time as
+        possible, so webhooks keep being accepted quickly while runs are started.
+        """
         now = datetime.now(UTC)
-        async with self.db.write() as session:
-            query = (select(Event).where(Event.processed_at.is_(None)).order_by(Event.id)
-                     .limit(self.batch_size))
-            if not self.db.is_sqlite:
-                query = query.with_for_update(skip_locked=True)
-            events = list((await session.execute(query)).scalars())
+        async with self.db.read() as session:
+            events = list((await session.execute(select(Event).where(Event.processed_at.is_(None))
+                                                 .order_by(Event.id).limit(self.batch_size))).scalars())
             if not events:
                 return 0
             subscriptions: dict[str, list[Subscription]] = {}
@@ -154,11 +163,16 @@ class Intake:
                     Subscription.team_id.in_({event.team_id for event in events})).order_by(Subscription.id))
                                  ).scalars():
                 subscriptions.setdefault(subscription.team_id, []).append(subscription)
-            for event in events:
-                for match in await _matches(session, self.catalog, event, subscriptions):
-                    await self._start_run(session, event, match, now)
-            await session.execute(update(Event).where(Event.id.in_([event.id for event in events]))
-                                  .values(processed_at=now))
+            planned = [(event, self._plan_run(event, match, now)) for event in events
+                       for match in await _matches(session, self.catalog, event, subscriptions)]
+        async with self.db.write() as session:
+            # Claimed here, conditionally: another process may have taken some of them meanwhile.
+            claimed = set((await session.execute(
+                update(Event).where(Event.id.in_([event.id for event in events]), Event.processed_at.is_(None))
+                .values(processed_at=now).returning(Event.id))).scalars())
+            for event, plan in planned:
+                if event.id in claimed:
+                    await self._record(session, event, plan, now)
         return len(events)
 
     async def start_now(self, new_event: NewEvent) -> str:
@@ -171,8 +185,9 @@ class Intake:
             matches = await _matches(session, self.catalog, event)
             if not matches:
                 raise LookupError(f"workflow {new_event.target_workflow} is not in the catalog")
-            run = await self._start_run(session, event, matches[0], now)
-        return run.id
+            plan = self._plan_run(event, matches[0], now)
+            await self._record(session, event, plan, now)
+        return plan.run.id
 
     async def _store_version(self, session: AsyncSession, workflow: CompiledWorkflow, now: datetime) -> None:
         if workflow.hash in self._stored_versions:
@@ -185,9 +200,9 @@ class Intake:
                               .on_conflict_do_nothing(index_elements=["hash"]))
         self._stored_versions.add(workflow.hash)
 
-    async def _start_run(self, session: AsyncSession, event: Event, match: Match, now: datetime) -> Run:
+    def _plan_run(self, event: Event, match: Match, now: datetime) -> _Planned:
+        """The run an event starts for one subscription, with its steps and its card (no database work)."""
         workflow = match.workflow
-        await self._store_version(session, workflow, now)
         run = Run(id=new_run_id(), team_id=event.team_id,
                   subscription_id=match.subscription.id if match.subscription else None,
                   event_id=event.id, workflow=workflow.name, workflow_hash=workflow.hash,
@@ -200,6 +215,11 @@ class Intake:
                       title=step.model.title or step.id, state=states.PENDING, attempt=0)
                  for step in workflow.steps]
         run.card = render_card(workflow=workflow, run=run, event=event, steps=steps)
+        return _Planned(run=run, steps=steps, match=match)
+
+    async def _record(self, session: AsyncSession, event: Event, plan: _Planned, now: datetime) -> None:
+        run, steps, workflow, match = plan.run, plan.steps, plan.match.workflow, plan.match
+        await self._store_version(session, workflow, now)
         session.add(run)
         session.add_all(steps)
         journal.enqueue(session, team_id=run.team_id, channel_id=run.channel_id, kind=journal.CARD, payload={},
@@ -215,5 +235,4 @@ class Intake:
         if not workflow.steps:
             # Nothing to run: the run ends in the transaction that starts it (no lease, no second round trip).
             await finish_run(session, run=run, steps=[], now=now, metrics=self.metrics)
-        return run
 
