@@ -37,6 +37,7 @@ from bot.slack.listeners import build_bolt_app
 from bot.slack.notices import tell_subscriber
 from bot.slack.outbox import Outbox
 from bot.slack.people import People
+from bot.slack.socket_mode import connect as socket_mode_connect
 from bot.store import migrate
 from bot.store.db import Database
 from bot.store.inbox import Inbox
@@ -109,10 +110,12 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     return services
 
 
-def create_app(settings: Settings, *, services: Services | None = None, run_workers: bool = True) -> web.Application:
+def create_app(settings: Settings, *, services: Services | None = None, run_workers: bool = True,
+               socket_mode: bool = False) -> web.Application:
+    """The HTTP server. With `socket_mode`, Slack's requests come over a WebSocket instead of /slack/events."""
     services = services or build_services(settings)
     services.log_masker.install()
-    bolt = build_bolt_app(services)
+    bolt = build_bolt_app(services, socket_mode=socket_mode)
     door = WebhookDoor(db=services.db, keyring=services.keyring, inbox=services.inbox, metrics=services.metrics,
                        max_body=settings.max_body, on_stored=services.engine.wake)
     door.cache = services.connections
@@ -135,7 +138,8 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
         body = await services.metrics.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app.router.add_post("/slack/events", slack_events)
+    if not socket_mode:  # without a signing secret this door must not exist
+        app.router.add_post("/slack/events", slack_events)
     oauth_flow = bolt.oauth_flow
     if oauth_flow is not None:
         async def install(request: web.Request) -> web.Response:
@@ -152,6 +156,7 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
 
     async def lifecycle(app: web.Application) -> Any:
         await migrate.upgrade(services.db)
+        socket = await socket_mode_connect(bolt, settings) if socket_mode else None
         if run_workers:
             await services.engine.start()
             await services.outbox.start()
@@ -161,6 +166,8 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
                 await services.triggers.start()
         log.info("relaybot ready: %d workflows, database %s", len(services.catalog), services.db.dialect)
         yield
+        if socket is not None:
+            await socket.close_async()
         if run_workers:
             if services.triggers is not None:
                 await services.triggers.stop()

@@ -77,6 +77,7 @@ class Bot:
                  database_url: str) -> None:
         self.tmp = tmp
         self.database_url = database_url
+        self.socket_mode = bool(env.pop("socket_mode", False))
         self.slack = slack
         self.workflows = workflows
         self.env = env
@@ -109,7 +110,7 @@ class Bot:
         port = sock.getsockname()[1]
         settings = self.settings(port)
         self.services = build_services(settings, log_masker=LogMasker())
-        app = create_app(settings, services=self.services)
+        app = create_app(settings, services=self.services, socket_mode=self.socket_mode)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()

@@ -279,3 +279,23 @@ async def test_app_home_shows_waiting_runs_and_decides_from_the_tab(make_bot, wo
     await bot.wait_thread(card, "Run succeeded")
     refreshed = await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(ALICE))
     assert "Nothing is waiting for you." in json.dumps(refreshed)
+
+
+async def test_socket_mode_needs_no_public_url_for_slack(make_bot, workflows, target, slack):
+    write_workflow(workflows, "gate", GATE.replace("TARGET", target.url))
+    slack.socket_mode = True
+    bot = await make_bot(socket_mode=True, slack_app_token=slack.app_token, slack_signing_secret=None)
+    await slack.wait_for(lambda: slack.socket_connected.is_set(), timeout=10)
+    assert slack.calls_of("apps.connections.open")
+    async with bot.http().post(f"{bot.url}/slack/events", data=b"{}") as response:
+        assert response.status == 404  # no unsigned door when Slack comes over the socket
+    url, secret = connection_from(await bot.command("enable gate"), "webhook")
+    await bot.set_secret("TOKEN", "t")
+    assert (await bot.post(url, b'{"summary": "over the socket"}',
+                           {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}))[0] == 202
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+    assert await bot.click(card, "approve", user=ALICE) is None
+    await bot.wait_thread(card, "Run succeeded")
+    await slack.send_event(TEAM, {"type": "app_home_opened", "user": ALICE, "tab": "home"})
+    await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(ALICE))
+    assert len(target.requests_to("/deploy")) == 1

@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from bot.errors import ConfigError
 from bot.settings import Settings
 
 
@@ -23,15 +22,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from bot.app import create_app
 
     settings.require_for_serve(socket_mode=args.socket_mode)
-    if args.socket_mode:
-        raise ConfigError("--socket-mode is not available yet; serve over HTTP (the default)")
     if args.port is not None:
         settings = settings.model_copy(update={"port": args.port})
     # SQLite work runs on aiosqlite's threads: every query hands the GIL over and back. With Python's default
     # 5 ms switch interval a busy event loop makes each hand-over wait up to 5 ms; 0.5 ms keeps queries quick.
     sys.setswitchinterval(0.0005)
-    app = create_app(settings)
+    app = create_app(settings, socket_mode=args.socket_mode)
+    slack_door = "Slack over Socket Mode" if args.socket_mode else "Slack requests at /slack/events"
     print(f"relaybot serving on http://{settings.host}:{settings.port} "
-          f"(Slack requests at /slack/events, webhooks at /hooks/<connection>)", file=sys.stderr)
+          f"({slack_door}, webhooks at /hooks/<connection>)", file=sys.stderr)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
     return 0

@@ -136,6 +136,12 @@ class SlackEmulator:
         self._triggers: dict[str, tuple[str, str, str | None]] = {}
         # The tools' side: connection URLs and secrets read from the bot's replies, as a person would.
         self.connections = ConnectionBook()
+        # Socket Mode: the app-level token, the bot's open sockets, and the envelopes waiting for their ack.
+        self.app_token = "xapp-1-A0RELAYBOT-emulator"
+        self.socket_mode = False
+        self._sockets: list[web.WebSocketResponse] = []
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.socket_connected = asyncio.Event()
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -168,6 +174,7 @@ class SlackEmulator:
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/{method}", self._api)
         app.router.add_post("/response/{response_id}", self._response_url)
+        app.router.add_get("/socket-mode/link", self._socket_link)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
@@ -185,6 +192,8 @@ class SlackEmulator:
         return f"{self.base_url}/api/"
 
     async def stop(self) -> None:
+        for socket in list(self._sockets):
+            await socket.close()
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
@@ -225,6 +234,10 @@ class SlackEmulator:
             payload = {"ok": False, "error": failure.error or ("ratelimited" if status == 429 else "internal_error")}
         elif method == "oauth.v2.access":
             payload = self._oauth_access(args)
+        elif method == "apps.connections.open":
+            ws_url = self.base_url.replace("http://", "ws://", 1) + "/socket-mode/link"
+            payload = ({"ok": True, "url": ws_url} if token == self.app_token
+                       else {"ok": False, "error": "invalid_auth"})
         elif team is None:
             payload = {"ok": False, "error": "invalid_auth" if token else "not_authed"}
         else:
@@ -505,8 +518,57 @@ class SlackEmulator:
         self._triggers[trigger_id] = (team_id, user, channel)
         return trigger_id
 
+    async def _socket_link(self, request: web.Request) -> web.WebSocketResponse:
+        """The Socket Mode connection: a hello, then envelopes out and acks back."""
+        socket = web.WebSocketResponse(autoping=True)
+        await socket.prepare(request)
+        self._sockets.append(socket)
+        await socket.send_json({"type": "hello", "num_connections": len(self._sockets),
+                                "connection_info": {"app_id": "A0RELAYBOT"},
+                                "debug_info": {"host": "emulator", "approximate_connection_time": 3600}})
+        self.socket_connected.set()
+        try:
+            async for message in socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(message.data)
+                waiter = self._acks.pop(str(data.get("envelope_id")), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(data)
+        finally:
+            self._sockets.remove(socket)
+            if not self._sockets:
+                self.socket_connected.clear()
+        return socket
+
+    async def send_over_socket(self, envelope_type: str, payload: dict[str, Any], timeout: float = 10.0
+                               ) -> dict[str, Any]:
+        """Send one envelope to the bot's Socket Mode connection and wait for its ack."""
+        await asyncio.wait_for(self.socket_connected.wait(), timeout)
+        envelope_id = secrets.token_hex(8)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._acks[envelope_id] = waiter
+        await self._sockets[-1].send_json({"envelope_id": envelope_id, "type": envelope_type, "payload": payload,
+                                           "accepts_response_payload": envelope_type != "events_api",
+                                           "retry_attempt": 0, "retry_reason": ""})
+        return await asyncio.wait_for(waiter, timeout)
+
+    async def _send_socket(self, body: bytes, content_type: str) -> tuple[int, str]:
+        """What Slack sends over Socket Mode instead of an HTTP request: the same data, in an envelope."""
+        if content_type == "application/json":
+            ack = await self.send_over_socket("events_api", json.loads(body))
+        else:
+            form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+            if "payload" in form:
+                ack = await self.send_over_socket("interactive", json.loads(form["payload"]))
+            else:
+                ack = await self.send_over_socket("slash_commands", form)
+        return 200, json.dumps(ack.get("payload") or {})
+
     async def send_to_bot(self, body: bytes, content_type: str, *, headers: dict[str, str] | None = None,
                           signing_secret: str | None = None, timestamp: int | None = None) -> tuple[int, str]:
+        if self.socket_mode:
+            return await self._send_socket(body, content_type)
         assert self.bot_url, "set emulator.bot_url to the bot's base URL first"
         signed = sign(signing_secret or self.signing_secret, body, timestamp)
         async with self._http().post(f"{self.bot_url}/slack/events", data=body,

@@ -71,7 +71,7 @@ def _oauth_settings(services: Services) -> AsyncOAuthSettings:
         authorization_url=settings.slack_authorize_url)
 
 
-def build_bolt_app(services: Services) -> AsyncApp:
+def build_bolt_app(services: Services, *, socket_mode: bool = False) -> AsyncApp:
     settings = services.settings
     # Bolt's client (for `respond`, `auth.test` and `oauth.v2.access`) also goes to SLACK_API_URL.
     client = AsyncWebClient(base_url=settings.slack_api_url,
@@ -80,7 +80,9 @@ def build_bolt_app(services: Services) -> AsyncApp:
         "signing_secret": settings.slack_signing_secret or "",
         "client": client,
         "process_before_response": False,
-        "request_verification_enabled": True,
+        # Over HTTP every request must carry Slack's signature; over Socket Mode the connection itself is
+        # authenticated (the app token) and there is nothing to sign.
+        "request_verification_enabled": not socket_mode,
         "ignoring_self_events_enabled": False,
     }
     if settings.oauth_enabled:
