@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.audit import Actor
 from bot.engine import journal, states
 from bot.engine.cards import render_card
+from bot.engine.concurrency import pool_key
 from bot.engine.context import trigger_data
 from bot.engine.loader import Catalog, CompiledWorkflow
 from bot.engine.runner import finish_run
@@ -210,7 +211,9 @@ class Intake:
                   title=workflow.title, context={"params": match.params}, card={},
                   started_by=event.started_by, started_by_name=(event.headers or {}).get("user_name"),
                   cancelled_by=None, card_ts=None, created_at=now, finished_at=None, wake_at=now,
-                  lease_owner=None, lease_until=None)
+                  lease_owner=None, lease_until=None,
+                  concurrency_key=pool_key(workflow, team_id=event.team_id, event=event.payload,
+                                           trigger=trigger_data(event), params=match.params))
         steps = [Step(run_id=run.id, team_id=run.team_id, position=step.index, step_id=step.id,
                       title=step.model.title or step.id, state=states.PENDING, attempt=0)
                  for step in workflow.steps]

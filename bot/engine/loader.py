@@ -106,6 +106,7 @@ class CompiledWorkflow:
     source: str
     hash: str
     if_: Expression | None
+    concurrency_key: Expression | None
     card_title: Template | None
     card_text: Template | None
     card_fields: dict[str, CompiledValue]
@@ -320,6 +321,11 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
 
     if_ = (checker.expression(("if",), model.if_, allowed=base, steps_before=set(), params=params)
            if model.if_ else None)
+    concurrency_key = None
+    if model.concurrency is not None and model.concurrency.key:
+        concurrency_key = checker.expression(("concurrency", "key"), model.concurrency.key,
+                                             allowed={"event", "trigger", "params"}, steps_before=set(),
+                                             params=params)
     all_steps = {step.id for step in model.steps}
     card_scope = {**{name: None for name in base}, "steps": None}
     card_title = checker.template(("card", "title"), model.card.title, allowed=set(card_scope),
@@ -360,6 +366,7 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     if checker.problems:
         raise WorkflowError(checker.sorted())
     return CompiledWorkflow(model=model, path=file, source=text, hash=content_hash(text), if_=if_,
+                            concurrency_key=concurrency_key,
                             card_title=card_title, card_text=card_text, card_fields=card_fields,
                             card_link=card_link, triggers=triggers, steps=steps)
 

@@ -25,6 +25,7 @@ from bot.audit import Actor
 from bot.crypto import Keyring
 from bot.engine import journal, states
 from bot.engine.cards import render_card
+from bot.engine.concurrency import holders, wake_queued
 from bot.engine.context import expression_context
 from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
 from bot.errors import DecryptionError, ExpressionError, reference_id
@@ -76,6 +77,7 @@ class LeaseLost(Exception):
 
 async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now: datetime, metrics: Metrics) -> None:
     """Every step is done: the run takes its outcome, and says so in its thread."""
+    await wake_queued(session, run.concurrency_key)
     outcome = run.outcome or states.SUCCEEDED
     run.state = outcome
     run.outcome = outcome
@@ -241,6 +243,8 @@ class Runner:
                 run.state = states.RUNNING
                 run.wake_at = now + THREAD_WAIT
                 return None
+            if not await self._take_slot(session, workflow, run, event, steps, now):
+                return None
             return await self._start(session, workflow, run, event, steps, step, compiled, now)
         await self._finish(session, workflow, run, event, steps, now)
         return None
@@ -262,6 +266,39 @@ class Runner:
             now=now, reason=f"attempt {step.attempt} of {compiled.model.uses} started and never finished; "
                             "it is not safe to repeat without a decision",
             thread=messages.thread_step_unknown(title=step.title, action=compiled.model.uses))
+
+    async def _take_slot(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
+                         steps: list[Step], now: datetime) -> bool:
+        """True if the run may execute a step now (it has, or gets, a slot of its `concurrency:` pool)."""
+        policy = workflow.model.concurrency
+        if policy is None or run.concurrency_key is None or run.state == states.RUNNING:
+            return True
+        busy = await holders(session, run, sqlite=self.db.is_sqlite)
+        if busy < policy.limit:
+            return True
+        nothing_done = all(step.attempt == 0 and step.decision is None for step in steps)
+        if policy.on_conflict == "skip" and nothing_done:
+            reason = f"{busy} run(s) of this pool already running (concurrency limit {policy.limit}, skip)"
+            for step in steps:
+                if step.state not in states.FINAL_STEP_STATES:
+                    step.state = states.SKIPPED
+                    step.finished_at = now
+            run.outcome = states.CANCELLED
+            self._refresh_card(workflow, run, event, steps)
+            await journal.transition(session, run, actor=SYSTEM, action="run.skipped", outcome=states.CANCELLED,
+                                     reason=reason, now=now, refresh_card=False,
+                                     thread=messages.thread_run_not_run(reason=reason))
+            await finish_run(session, run=run, steps=steps, now=now, metrics=self.metrics)
+            return False
+        if not run.context.get("queued_for_slot"):
+            run.context = {**run.context, "queued_for_slot": True}
+            reason = f"{busy} run(s) of this pool running; limit {policy.limit}"
+            await journal.transition(session, run, actor=SYSTEM, action="run.queued", outcome="queued",
+                                     reason=reason, now=now, thread=messages.thread_run_queued(reason=reason))
+        run.state = states.QUEUED
+        # Woken when a slot frees; the late fallback only covers a holder that vanished without saying so.
+        run.wake_at = now + timedelta(seconds=30)
+        return False
 
     async def _condition(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
                          steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> bool:
@@ -297,8 +334,11 @@ class Runner:
         step.waiting_since = now
         step.deadline = now + approval.timeout
         step.title = self._step_title(compiled, run, event, steps)
+        was_running = run.state == states.RUNNING
         run.state = states.WAITING
         run.wake_at = step.deadline
+        if was_running:  # waiting for a person holds no slot
+            await wake_queued(session, run.concurrency_key)
         approvers = compiled.approvers
         who = messages.approvers_text(approvers.users if approvers else [], approvers.groups if approvers else [])
         self._refresh_card(workflow, run, event, steps)

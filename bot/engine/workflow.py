@@ -132,6 +132,18 @@ def _triggers(value: Any) -> Any:
     return value
 
 
+class Concurrency(Strict):
+    """At most `limit` runs at a time per `key` (CEL over event, trigger and params; default: the workflow).
+
+    A run holds a slot while it runs or waits to retry; waiting for approval does not hold one. A run that finds
+    no free slot waits for one (`on_conflict: queue`) or is not run at all (`skip`).
+    """
+
+    limit: int = Field(ge=1, le=10_000)
+    key: str | None = None
+    on_conflict: Literal["queue", "skip"] = "queue"
+
+
 class Workflow(Strict):
     name: str = Field(pattern=SLUG)
     title: str | None = None
@@ -143,6 +155,7 @@ class Workflow(Strict):
     approvers: Approvers | None = None
     run_by: Literal["anyone", "admins"] = Field(default="anyone",
                                                 description="who may start it with /relay run")
+    concurrency: Concurrency | None = None
     steps: list[Step] = Field(default_factory=list)
 
     @field_validator("params")

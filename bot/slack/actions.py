@@ -100,7 +100,8 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
             return messages.CLICK_STALE
         run = await session.get(Run, run.id, populate_existing=True)
         assert run is not None
-        run.state = states.RUNNING
+        # With a `concurrency:` pool the runner first checks for a free slot; a queued run goes through it.
+        run.state = states.QUEUED if run.concurrency_key else states.RUNNING
         run.wake_at = now
         event = await session.get(Event, run.event_id)
         assert event is not None

@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 from bot import audit
 from bot.audit import Actor
 from bot.engine import journal, states
+from bot.engine.concurrency import wake_queued
 from bot.services import Services
 from bot.slack import messages
 from bot.store.models import OutboxMessage, Run, Step, Workspace
@@ -40,6 +41,7 @@ async def cancel_run(services: Services, *, run_id: str, team_id: str, actor: Ac
             .values(state=states.STEP_CANCELLED, finished_at=now))
         run = await session.get(Run, run_id, populate_existing=True)
         assert run is not None
+        await wake_queued(session, run.concurrency_key)
         await journal.transition(session, run, actor=actor, action="run.cancelled", outcome=states.CANCELLED,
                                  reason=reason, now=now, refresh_card=notify,
                                  thread=messages.thread_run_cancelled(user_id=actor.id, name=actor.name)

@@ -142,6 +142,14 @@ def thread_run_finished(*, outcome: str, counts: dict[str, int], seconds: float)
     return f"{icon} Run {outcome}: {summary}; {duration(seconds)} in all."
 
 
+def thread_run_queued(*, reason: str) -> str:
+    return f":hourglass_flowing_sand: Queued until a slot is free ({escape(reason)})."
+
+
+def thread_run_not_run(*, reason: str) -> str:
+    return f":no_entry_sign: Not run: {escape(reason)}."
+
+
 def thread_run_cancelled(*, user_id: str | None, name: str | None) -> str:
     return f":octagonal_sign: Run cancelled by {user(user_id, name)}."
 

@@ -180,6 +180,8 @@ class Run(Base):
     started_by: Mapped[str | None] = mapped_column(String(64))
     started_by_name: Mapped[str | None] = mapped_column(String(200))
     cancelled_by: Mapped[str | None] = mapped_column(String(64))
+    # `concurrency:` pool of the run (workspace, workflow and key); runs in one pool share its slots.
+    concurrency_key: Mapped[str | None] = mapped_column(String(100))
     card_ts: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
@@ -190,6 +192,7 @@ class Run(Base):
         UniqueConstraint("event_id", "subscription_id"),
         Index("ix_runs_due", "wake_at"),
         Index("ix_runs_team_channel", "team_id", "channel_id", "created_at"),
+        Index("ix_runs_concurrency", "concurrency_key", "state"),
     )
 
 
