@@ -189,3 +189,32 @@ def test_validate_cli_prints_every_problem_and_fails(tmp_path: Path):
 def test_the_example_workflows_are_valid():
     result = run_validate(str(ROOT / "workflows"), cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_comment_that_cuts_off_a_template_is_reported():
+    found = problems("""
+        name: x
+        on: webhook
+        steps:
+          - id: a
+            title: Acknowledge incident #${{ event.number }}
+            uses: slack.post
+            with: {text: "fine #${{ event.number }}"}
+    """)
+    assert found == ["w.yml:5: ` #` starts a YAML comment here, which cuts off the `${{ }}` after it: put the "
+                     "whole value in quotes"]
+
+
+def test_a_poll_naming_an_undeclared_parameter_is_reported():
+    found = problems("""
+        name: x
+        params:
+          repo: {default: "a/b"}
+        on:
+          poll:
+            every: 1m
+            request: {url: "https://api.example.com/${{ params.repoo }}"}
+            items: response.json
+            key: item.id
+    """)
+    assert found == ["w.yml:5: `params.repoo`: unknown parameter 'repoo' (declare it under params:)"]

@@ -279,7 +279,9 @@ class DryRun:
         self.emulator = build_emulator(plan, bot_token, signing_secret)
         self.http = ScriptedHttpClient(answers=plan.mocks, offline=plan.offline, allow=settings.http_allow,
                                        timeout=settings.http_timeout, max_response=settings.http_max_response)
+        # No poll or schedule of its own: the one event given is the only one this dry run sees.
         self.sandbox = Sandbox(emulator=self.emulator, catalog=Catalog([plan.workflow]), http=self.http,
+                               triggers=False,
                                settings_for=lambda url: test_settings(settings, url=url, database=database,
                                                                       signing_secret=signing_secret,
                                                                       bot_token=bot_token))

@@ -38,8 +38,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class Sandbox:
     def __init__(self, *, emulator: SlackEmulator, settings_for: Callable[[str], Settings],
                  key_file: Path | None = None, http: HttpClient | None = None, catalog: Catalog | None = None,
-                 routes: Sequence[RouteAdder] = ()) -> None:
+                 routes: Sequence[RouteAdder] = (), triggers: bool = True) -> None:
         self.emulator = emulator
+        self.triggers = triggers
         self.catalog = catalog
         self.settings_for = settings_for
         self.key_file = key_file
@@ -58,6 +59,8 @@ class Sandbox:
             self.settings = self.settings_for(self.url)
             self.services = build_services(self.settings, key_file=self.key_file, http=self.http,
                                            catalog=self.catalog)
+            if not self.triggers:
+                self.services.triggers = None
             app = create_app(self.settings, services=self.services)
             self.emulator.routes(app)
             for add in self.routes:

@@ -208,6 +208,10 @@ class _Checker:
                 self.problem(path, f"`{expression.source}`: "
                              + (f"step {step_id!r} has not run yet here (only earlier steps can be named)"
                                 if later else f"unknown step id {step_id!r}"))
+        self.parameters(path, expression, params)
+
+    def parameters(self, path: Path_, expression: Expression, params: set[str]) -> None:
+        """Every `params.<name>` the expression names must be declared under `params:`."""
         if "params" in expression.references():
             stripped = re.sub(r'"(?:[^"\\]|\\.)*"' + r"|'(?:[^'\\]|\\.)*'", '""', expression.source)
             for name in sorted(set(re.findall(r"\bparams\s*\.\s*([A-Za-z_]\w*)", stripped)) - params):
@@ -262,6 +266,34 @@ def _validate(checker: _Checker, model: type[BaseModel], data: Any, prefix: Path
         return None
 
 
+def _trigger_expressions(config: BaseModel) -> list[Expression]:
+    """The CEL a trigger's configuration carries (a poll's `items`, `key` and request templates)."""
+    found: list[Expression] = []
+    for attribute in ("items_expression", "key_expression"):
+        expression = getattr(config, attribute, None)
+        if isinstance(expression, Expression):
+            found.append(expression)
+    request = getattr(config, "compiled_request", None)
+    if isinstance(request, CompiledValue):
+        for template in request.templates():
+            found.extend(template.expressions())
+    return found
+
+
+def _comments_cutting_templates(text: str) -> list[int]:
+    """Lines where an unquoted ` #` (a YAML comment) swallows a `${{ }}`: `title: Incident #${{ event.n }}`."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        index = line.find(" #")
+        if index < 0 or line.lstrip().startswith("#") or "${{" not in line[index:]:
+            continue
+        before = line[:index]
+        if before.count('"') % 2 or before.count("'") % 2:
+            continue  # the ` #` is inside a quoted value
+        found.append(number)
+    return found
+
+
 def compile_workflow(text: str, *, file: str, default_name: str | None = None) -> CompiledWorkflow:
     """Parse, validate and compile one workflow; raise WorkflowError listing every problem found."""
     try:
@@ -274,6 +306,10 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     checker = _Checker(file, lines)
     if not isinstance(data, dict):
         raise WorkflowError([WorkflowProblem(file=file, line=1, message="a workflow is a YAML mapping")])
+    for number in _comments_cutting_templates(text):
+        checker.problems.append(WorkflowProblem(
+            file=file, line=number, message="` #` starts a YAML comment here, which cuts off the `${{ }}` after "
+                                            "it: put the whole value in quotes"))
     if "name" not in data and default_name:
         data["name"] = default_name
     raw_steps = data.get("steps", [])
@@ -319,6 +355,9 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
                            else str(error["msg"]).removeprefix("Value error, "))
                 checker.problem(loc, f"on.{trigger}: {message}")
 
+    for trigger, config in triggers.items():
+        for expression in _trigger_expressions(config):
+            checker.parameters(("on", trigger), expression, params)
     if_ = (checker.expression(("if",), model.if_, allowed=base, steps_before=set(), params=params)
            if model.if_ else None)
     concurrency_key = None
