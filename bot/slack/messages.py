@@ -218,8 +218,10 @@ def help_text(command: str) -> str:
         f"`{command} disable <workflow>` — disable it here (admins); running runs finish",
         f"`{command} run <workflow> [key=value …]` — start a run now",
         f"`{command} runs [workflow]` — the latest runs in this channel",
-        f"`{command} status <run>` · `{command} cancel <run>`",
-        f"`{command} connect <integration> [rotate]` — the webhook URL for a tool (admins)",
+        f"`{command} status <run>` — a run's steps · `{command} cancel <run>` (approvers and admins)",
+        f"`{command} connect <integration> [rotate|set-secret]` — the webhook URL for a tool (admins)",
+        f"`{command} secret set <NAME>` · `{command} secret list` · `{command} secret delete <NAME>` — "
+        "secrets for workflows, typed into a form, never into the channel (admins)",
         f"`{command} help` — this text",
     ])
 
