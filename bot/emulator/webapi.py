@@ -369,7 +369,10 @@ class SlackEmulator:
         oldest = float(args.get("oldest") or 0)
         messages = [m.to_api() | ({"metadata": m.metadata} if m.metadata else {})
                     for m in reversed(team.messages.get(channel, [])) if not m.thread_ts and float(m.ts) >= oldest]
-        return {"ok": True, "messages": messages[: int(args.get("limit", 100))], "has_more": False}
+        start, limit = int(args.get("cursor") or 0), int(args.get("limit", 100))
+        more = start + limit < len(messages)
+        return {"ok": True, "messages": messages[start:start + limit], "has_more": more,
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
 
     def _m_conversations_replies(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         channel, ts = args.get("channel", ""), args.get("ts", "")

@@ -46,6 +46,8 @@ PERMANENT_ERRORS = frozenset({
     "ekm_access_denied", "channel_is_archived", "no_text", "too_many_attachments",
 })
 MAX_BACKOFF = 300.0
+HISTORY_PAGE = 999  # the most Slack returns per page
+HISTORY_PAGES = 5
 LANES_PER_ROUND = 64
 
 
@@ -328,20 +330,27 @@ class Outbox:
         if thread_ts:
             method, arguments = "conversations.replies", {"ts": thread_ts}
         else:
+            # Nothing of this message can be older than the row that asked for it (less a little clock skew).
             method = "conversations.history"
-            arguments = {"oldest": f"{head.created_at.timestamp() - 60:.6f}"}
-        try:
-            found = await self.slack.call(head.team_id, method, channel=head.channel_id, limit=200,
-                                          include_all_metadata=True, **arguments)
-        except Exception as exc:  # a missing scope or an outage: deliver, at least once
-            log.warning("outbox: could not check whether message %s was already posted: %s", head.id, exc)
-            return None
-        for message in found.get("messages") or []:
-            payload = ((message.get("metadata") or {}).get("event_payload")) or {}
-            if payload.get("outbox") == head.id or (card_of and payload.get("card") == card_of):
-                log.info("outbox: message %s was already posted (ts %s); not posting it again", head.id,
-                         message.get("ts"))
-                return str(message["ts"])
+            arguments = {"oldest": f"{head.created_at.timestamp() - 5:.6f}"}
+        cursor: str | None = None
+        for _page in range(HISTORY_PAGES):
+            try:
+                found = await self.slack.call(head.team_id, method, channel=head.channel_id, limit=HISTORY_PAGE,
+                                              include_all_metadata=True, **arguments,
+                                              **({"cursor": cursor} if cursor else {}))
+            except Exception as exc:  # a missing scope or an outage: deliver, at least once
+                log.warning("outbox: could not check whether message %s was already posted: %s", head.id, exc)
+                return None
+            for message in found.get("messages") or []:
+                payload = ((message.get("metadata") or {}).get("event_payload")) or {}
+                if payload.get("outbox") == head.id or (card_of and payload.get("card") == card_of):
+                    log.info("outbox: message %s was already posted (ts %s); not posting it again", head.id,
+                             message.get("ts"))
+                    return str(message["ts"])
+            cursor = (found.get("response_metadata") or {}).get("next_cursor") or None
+            if not found.get("has_more") or not cursor:
+                break
         return None
 
     async def _deliver(self, delivery: _Delivery, message: OutboxMessage, *, later: list[OutboxMessage]) -> None:
