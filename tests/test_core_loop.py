@@ -12,8 +12,8 @@ from sqlalchemy import select
 from bot.store.models import AuditRecord, Run, Step
 from tests.conftest import (
     ALICE,
-    BOTH_DATABASES,
     BOB,
+    BOTH_DATABASES,
     CHANNEL,
     CORPORA,
     TEAM,
@@ -50,7 +50,9 @@ steps:
     if: steps.deploy.outcome == "succeeded"
     uses: slack.post
     with:
-      text: "Deployed ${{ event.pull_request.number }} to ${{ params.env }}, approved by ${{ steps.deploy.approved_by }}."
+      text: >-
+        Deployed ${{ event.pull_request.number }} to ${{ params.env }},
+        approved by ${{ steps.deploy.approved_by }}.
       thread: true
 """
 

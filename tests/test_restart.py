@@ -9,10 +9,9 @@ from sqlalchemy import select
 
 from bot.store.db import Database
 from bot.store.models import Run, Step
-from tests.conftest import ADMIN, BOTH_DATABASES, ALICE, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ADMIN, ALICE, BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
 from tests.fakes.http_target import Reply
 from tests.procs import ServeProcess, post_json
-
 
 pytestmark = BOTH_DATABASES
 

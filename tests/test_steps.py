@@ -42,7 +42,7 @@ async def run_record(bot):
 
 
 async def test_failing_step_is_retried_then_fails_the_run(make_bot, workflows, target):
-    target.queue("/flaky", Reply(status=503, body="busy"), Reply(status=503, body="busy"), Reply(status=503, body="busy"))
+    target.queue("/flaky", *[Reply(status=503, body="busy") for _ in range(3)])
     bot, fire = await start(make_bot, workflows, "flaky", f"""
         name: flaky
         {HOOK}
@@ -89,7 +89,7 @@ async def test_retry_that_succeeds(make_bot, workflows, target):
     await fire({})
     card = await bot.wait_card()
     await bot.wait_thread(card, "Run succeeded")
-    run, steps = await run_record(bot)
+    _run, steps = await run_record(bot)
     assert steps[0].state == "succeeded" and steps[0].attempt == 2
     assert steps[0].outputs["status"] == 200 and steps[0].outputs["json"] == {"ok": True}
 

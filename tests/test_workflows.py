@@ -174,9 +174,11 @@ def run_validate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_validate_cli_prints_every_problem_and_fails(tmp_path: Path):
-    (tmp_path / "good.yml").write_text("name: good\non: webhook\nsteps:\n  - {id: a, uses: slack.post, with: {text: hi}}\n")
+    (tmp_path / "good.yml").write_text("name: good\non: webhook\n"
+                                       "steps:\n  - {id: a, uses: slack.post, with: {text: hi}}\n")
     (tmp_path / "bad.yml").write_text("name: bad\non: webhook\nsteps:\n  - id: a\n    uses: nope.x\n"
-                                      "  - id: b\n    if: steps.zz.outcome\n    uses: slack.post\n    with: {text: hi}\n")
+                                      "  - id: b\n    if: steps.zz.outcome\n    uses: slack.post\n"
+                                      "    with: {text: hi}\n")
     result = run_validate(str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert f"{tmp_path / 'bad.yml'}:5: unknown action 'nope.x'" in result.stderr

@@ -231,7 +231,8 @@ def _check_inputs(checker: _Checker, path: Path_, action_name: str, raw: dict[st
     static = {key: value for key, value in raw.items() if key in by_key and not has_template(value)}
     for key, value in static.items():
         try:
-            TypeAdapter(Annotated[by_key[key].annotation, by_key[key]]).validate_python(value)
+            field_type: Any = Annotated[by_key[key].annotation, by_key[key]]
+            TypeAdapter(field_type).validate_python(value)
         except ValidationError as exc:
             checker.problem((*path, key), f"{action_name} input {key!r}: {_first_error(exc)}")
     if len(static) == len(raw) and not checker.problems:
@@ -327,10 +328,10 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     if model is None:
         raise WorkflowError(checker.sorted())
     try:
-        model = model.model_copy(update={"steps": valid_steps})
-        Workflow._unique_step_ids(model)
-    except ValueError as exc:
-        checker.problem(("steps",), str(exc))
+        model = Workflow.model_validate({**model.model_dump(by_alias=True, exclude={"steps"}),
+                                         "steps": [step.model_dump(by_alias=True) for step in valid_steps]})
+    except ValidationError as exc:
+        checker.problem(("steps",), str(exc.errors()[0]["msg"]).removeprefix("Value error, "))
 
     params = set(model.params)
     checker.step_ids = {step.id for step in model.steps}

@@ -50,10 +50,10 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
     if not team_id or not user_id or parsed is None:
         raise UserError(messages.CLICK_UNKNOWN_RUN)
     run_id, step_id = parsed
-    choice = action.get("action_id")
+    choice = str(action.get("action_id") or "")
     approve = choice in (APPROVE_ACTION, RETRY_ACTION)
     # Approve acts on a step waiting for approval, Retry on one whose outcome is unknown, Skip on either.
-    decidable = {APPROVE_ACTION: (states.STEP_WAITING,), RETRY_ACTION: (states.UNKNOWN,)}.get(
+    decidable: tuple[str, ...] = {APPROVE_ACTION: (states.STEP_WAITING,), RETRY_ACTION: (states.UNKNOWN,)}.get(
         choice, (states.STEP_WAITING, states.UNKNOWN))
     async with services.db.read() as session:
         run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == team_id))
@@ -94,9 +94,10 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
                                     .values(**values))
         if not won.rowcount:  # type: ignore[attr-defined]
             fresh = await session.get(Step, step.id, populate_existing=True)
-            who = messages.user(fresh.decided_by, fresh.decided_by_name) if fresh and fresh.decided_by else None
-            if fresh is not None and who:
-                return messages.CLICK_ALREADY_DECIDED.format(state=f"{fresh.decision} by {who}")
+            who_text = (messages.user(fresh.decided_by, fresh.decided_by_name)
+                        if fresh and fresh.decided_by else None)
+            if fresh is not None and who_text:
+                return messages.CLICK_ALREADY_DECIDED.format(state=f"{fresh.decision} by {who_text}")
             return messages.CLICK_STALE
         run = await session.get(Run, run.id, populate_existing=True)
         assert run is not None

@@ -99,8 +99,8 @@ def build_bolt_app(services: Services, *, socket_mode: bool = False) -> AsyncApp
         await ack()
         if home.home_click(body):
             # The Home tab has no response_url: the outcome is shown on the refreshed tab instead.
-            team_id = (body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id")
-            user_id = (body.get("user") or {}).get("id")
+            team_id = str((body.get("team") or {}).get("id") or (body.get("user") or {}).get("team_id") or "")
+            user_id = str((body.get("user") or {}).get("id") or "")
             notice: str | None = None
             try:
                 notice = await actions.decide(services, body, action)
