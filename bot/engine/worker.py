@@ -8,7 +8,6 @@ advanced; a lease that expires because its process died lets any process take th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +15,7 @@ from sqlalchemy import func, or_, select, update
 
 from bot.engine import states
 from bot.engine.intake import Intake
+from bot.engine.loops import Wakeup, WorkLoop
 from bot.engine.runner import Runner
 from bot.store.db import Database
 from bot.store.models import Event, Run
@@ -23,79 +23,19 @@ from bot.store.models import Event, Run
 log = logging.getLogger(__name__)
 
 
-class Wakeup:
-    """A level-triggered nudge between tasks of one process."""
+class Engine(WorkLoop):
+    name = "engine"
 
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._event.wait()
-        self._event.clear()
-
-
-async def stop_loop(task: asyncio.Task[None], wakeup: Wakeup, timeout: float = 5.0) -> None:
-    """Let a loop finish its round (a transaction is never cut in half); cancel it only if it hangs."""
-    wakeup.set()
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.shield(task)
-    except TimeoutError:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-class Engine:
     def __init__(self, *, db: Database, intake: Intake, runner: Runner, owner: str, lease: timedelta,
                  poll_interval: float, concurrency: int = 32, on_work_done: Wakeup | None = None) -> None:
+        super().__init__(interval=poll_interval)
         self.db = db
         self.intake = intake
         self.runner = runner
         self.owner = owner
         self.lease = lease
-        self.poll_interval = poll_interval
         self.concurrency = concurrency
-        self.wakeup = Wakeup()
         self.on_work_done = on_work_done
-        self._active: dict[str, asyncio.Task[None]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
-        self._stopping = False
-
-    def wake(self) -> None:
-        self.wakeup.set()
-
-    async def start(self) -> None:
-        self._stopping = False
-        self._loop_task = asyncio.create_task(self._loop(), name="relaybot-engine")
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self._stopping = True
-        if self._loop_task:
-            await stop_loop(self._loop_task, self.wakeup)
-        if self._active:
-            # Let steps in flight finish and commit; what does not finish in time resumes after the lease.
-            _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                busy = await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("engine loop failed; retrying")
-                busy = False
-            if not busy:
-                await self.wakeup.wait(self.poll_interval)
 
     async def tick(self) -> bool:
         """One round: take pending events, start due runs. True if there may be more to do at once."""

@@ -325,15 +325,21 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
     return "*Latest runs here*\n" + "\n".join(lines)
 
 
-async def cmd_status(services: Services, command: Command, words: list[str]) -> str:
+async def find_run(services: Services, command: Command, words: list[str], sub: str) -> Run:
+    """The run a command names, in the command's workspace only."""
     if not words:
-        raise UserError(f"Which run? `{command.name} status <run id>` — `{command.name} runs` lists them.")
-    run_id = normalize_run_id(words[0])
+        raise UserError(f"Which run? `{command.name} {sub} <run id>` — `{command.name} runs` lists them.")
     async with services.db.read() as session:
-        run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == command.team_id))
-               ).scalar_one_or_none()
-        if run is None:
-            raise NotFound(f"There is no run `{messages.escape(words[0])}` in this workspace.")
+        run = (await session.execute(select(Run).where(Run.id == normalize_run_id(words[0]),
+                                                       Run.team_id == command.team_id))).scalar_one_or_none()
+    if run is None:
+        raise NotFound(f"There is no run `{messages.escape(words[0])}` in this workspace.")
+    return run
+
+
+async def cmd_status(services: Services, command: Command, words: list[str]) -> str:
+    run = await find_run(services, command, words, "status")
+    async with services.db.read() as session:
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)))
                      .scalars())
     from bot.slack.blocks import _decided, _detail
@@ -372,14 +378,7 @@ async def may_cancel(services: Services, command: Command, run: Run) -> bool:
 
 
 async def cmd_cancel(services: Services, command: Command, words: list[str]) -> str:
-    if not words:
-        raise UserError(f"Which run? `{command.name} cancel <run id>` — `{command.name} runs` lists them.")
-    run_id = normalize_run_id(words[0])
-    async with services.db.read() as session:
-        run = (await session.execute(select(Run).where(Run.id == run_id, Run.team_id == command.team_id))
-               ).scalar_one_or_none()
-    if run is None:
-        raise NotFound(f"There is no run `{messages.escape(words[0])}` in this workspace.")
+    run = await find_run(services, command, words, "cancel")
     if not await may_cancel(services, command, run):
         raise NotAllowed(f"Only admins and the approvers of `{run.workflow}` can cancel its runs.")
     from bot.slack.lifecycle import cancel_run

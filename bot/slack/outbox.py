@@ -28,8 +28,8 @@ from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine.journal import CARD, POST, REPLY
+from bot.engine.loops import WorkLoop
 from bot.engine.states import FINAL_RUN_STATES
-from bot.engine.worker import Wakeup, stop_loop
 from bot.metrics import Metrics
 from bot.slack.blocks import as_dicts, run_card
 from bot.slack.client import NoToken, SlackApi
@@ -116,11 +116,14 @@ class _Bucket:
             self.tokens -= 1
 
 
-class Outbox:
+class Outbox(WorkLoop):
+    name = "outbox"
+
     def __init__(self, *, db: Database, slack: SlackApi, metrics: Metrics, owner: str, rate: float,
                  poll_interval: float = 1.0, lease: timedelta = timedelta(seconds=60), burst: float = 3.0,
                  concurrency: int = 32,
                  on_undeliverable: Callable[[OutboxMessage, str], Awaitable[None]] | None = None) -> None:
+        super().__init__(interval=poll_interval)
         self.on_undeliverable = on_undeliverable
         self.db = db
         self.slack = slack
@@ -128,34 +131,14 @@ class Outbox:
         self.owner = owner
         self.rate = rate
         self.burst = burst
-        self.poll_interval = poll_interval
         self.lease = lease
         self.concurrency = concurrency
-        self.wakeup = Wakeup()
         self._buckets: dict[str, _Bucket] = {}
-        self._active: dict[str, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._suspect: set[int] = set()
-        self._flushes: GroupCommit[_Delivery] = GroupCommit(self._flush)
+        self._flushes: GroupCommit[_Delivery, None] = GroupCommit(self._flush, name="outbox")
         metrics.on_scrape(self._refresh_depth)
 
-    def wake(self) -> None:
-        self.wakeup.set()
-
-    async def start(self) -> None:
-        self._stopping = False
-        self._task = asyncio.create_task(self._loop(), name="relaybot-outbox")
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self._stopping = True
-        if self._task:
-            await stop_loop(self._task, self.wakeup)
-        if self._active:
-            _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+    async def after_stop(self) -> None:
         await self._flushes.close()
 
     async def _refresh_depth(self) -> None:
@@ -170,18 +153,6 @@ class Outbox:
             bucket = _Bucket(rate=self.rate, burst=self.burst, tokens=self.burst, updated=time.monotonic())
             self._buckets[channel] = bucket
         return bucket
-
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                started = await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outbox round failed; retrying")
-                started = 0
-            if not started:
-                await self.wakeup.wait(self.poll_interval)
 
     async def tick(self) -> int:
         """Claim lanes that have deliverable messages and start delivering them; returns lanes started."""
@@ -416,7 +387,7 @@ class Outbox:
                          ts=delivery.card_ts, text=text, blocks=rendered)
         delivery.shown = rendered
 
-    async def _flush(self, deliveries: list[_Delivery]) -> None:
+    async def _flush(self, deliveries: list[_Delivery]) -> list[None]:
         """What these deliveries learned, in one transaction (statements shared across lanes); then the lanes
         are free for anyone again."""
         now = datetime.now(UTC)
@@ -456,6 +427,7 @@ class Outbox:
                                   .where(OutboxMessage.lane.in_([d.lane for d in deliveries]),
                                          OutboxMessage.lease_owner == self.owner)
                                   .values(lease_owner=None, lease_until=None))
+        return [None] * len(deliveries)
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""

@@ -1,8 +1,9 @@
 """Group commit: callers that want a write at about the same time share one transaction.
 
 A caller submits its item and waits; the first caller starts a flush that takes every item queued so far, writes
-them with one call of `write` (one transaction), and wakes every caller. Items queued while a flush runs go in
-the next one. With one caller at a time this costs nothing; under load it turns N transactions into a few.
+them with one call of `write` (one transaction), and hands each caller its own result. Items queued while a
+flush runs go in the next one. With one caller at a time this costs nothing; under load it turns N transactions
+into a few.
 """
 
 from __future__ import annotations
@@ -14,36 +15,40 @@ from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-class GroupCommit(Generic[T]):
-    def __init__(self, write: Callable[[list[T]], Awaitable[None]], *, max_batch: int = 500) -> None:
+class GroupCommit(Generic[T, R]):
+    """`write(items)` returns one result per item, in order."""
+
+    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], *, name: str, max_batch: int = 500) -> None:
         self._write = write
+        self._name = name
         self._max_batch = max_batch
-        self._queue: list[tuple[T, asyncio.Future[None]]] = []
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_all())
-        await asyncio.shield(future)
+        return await asyncio.shield(future)
 
     async def _flush_all(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[:self._max_batch], self._queue[self._max_batch:]
             try:
-                await self._write([item for item, _ in batch])
+                results = await self._write([item for item, _ in batch])
             except Exception as exc:
-                log.exception("a group commit of %d items failed", len(batch))
+                log.exception("%s: writing %d items together failed", self._name, len(batch))
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for _, future in batch:
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(result)
 
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():

@@ -8,8 +8,6 @@ is not stored again; its caller learns it was a duplicate.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +17,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from bot.store.batching import GroupCommit
 from bot.store.db import Database
 from bot.store.models import Event
 
@@ -66,35 +65,14 @@ class Stored:
 class Inbox:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._queue: list[tuple[NewEvent, asyncio.Future[Stored]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writes: GroupCommit[NewEvent, Stored] = GroupCommit(self._write, name="inbox", max_batch=MAX_BATCH)
 
     async def store(self, event: NewEvent) -> Stored:
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        self._queue.append((event, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all())
-        return await future
+        """Durably stored (or found stored already) when this returns."""
+        return await self._writes.submit(event)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
-
-    async def _flush_all(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            try:
-                results = await self._write([event for event, _ in batch])
-            except Exception as exc:
-                log.exception("storing %d events failed", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_event, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+        await self._writes.close()
 
     async def _write(self, events: list[NewEvent]) -> list[Stored]:
         dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert

@@ -21,11 +21,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from bot.engine.loader import Catalog, CompiledWorkflow
+from bot.engine.loops import WorkLoop
 from bot.engine.triggers import schedule
 from bot.engine.triggers.config import PollTrigger, ScheduleTrigger
 from bot.engine.triggers.lease import StateKey, claim_due, release, release_all
 from bot.engine.triggers.poll import Poller, backoff
-from bot.engine.worker import Wakeup, stop_loop
 from bot.errors import reference_id
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
@@ -48,58 +48,31 @@ class Wanted:
         return self.config.fingerprint()
 
 
-class TriggerLoop:
+class TriggerLoop(WorkLoop):
+    name = "triggers"
+
     def __init__(self, *, db: Database, catalog: Catalog, poller: Poller, inbox: Inbox, owner: str,
                  lease: timedelta, interval: float, grace: timedelta, now: Callable[[], datetime],
                  on_stored: Callable[[], None], concurrency: int = 16) -> None:
+        super().__init__(interval=interval)
         self.db = db
         self.catalog = catalog
         self.poller = poller
         self.inbox = inbox
         self.owner = owner
         self.lease = lease
-        self.interval = interval
         self.grace = grace
         self.now = now
         self.on_stored = on_stored
         self.concurrency = concurrency
-        self.wakeup = Wakeup()
-        self._active: dict[StateKey, asyncio.Task[None]] = {}
-        self._task: asyncio.Task[None] | None = None
         # One round at a time in this process: a round asked for by hand waits for the loop's own.
         self._round = asyncio.Lock()
-        self._stopping = False
 
-    def wake(self) -> None:
-        self.wakeup.set()
-
-    async def start(self) -> None:
-        self._stopping = False
-        self._task = asyncio.create_task(self._loop(), name="relaybot-triggers")
-
-    async def stop(self, grace: float = 5.0) -> None:
-        self._stopping = True
-        if self._task:
-            await stop_loop(self._task, self.wakeup)
-        if self._active:
-            _done, pending = await asyncio.wait(list(self._active.values()), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+    async def after_stop(self) -> None:
         try:
             await release_all(self.db, self.owner)
         except Exception:
             log.exception("could not release the trigger leases of this process; they expire by themselves")
-
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("trigger loop failed; retrying")
-            await self.wakeup.wait(self.interval)
 
     async def tick(self) -> int:
         """One round: bring the states in line with the subscriptions, start the due ones; how many started."""
