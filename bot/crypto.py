@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot import audit
 from bot.errors import ConfigError, DecryptionError
 from bot.store.db import Database
 from bot.store.models import DataKey
@@ -301,9 +302,14 @@ class Keyring:
         if row is None or row.master_key_id == self.newest.id:
             return False
         data_key = self._unwrap(row)
+        previous = row.master_key_id
         row.wrapped_key = self.wrap(team_id=team_id, key_id=row.key_id, data_key=data_key, master=self.newest)
         row.master_key_id = self.newest.id
         row.rewrapped_at = now or datetime.now(UTC)
+        # Key ids only: they say which key wraps what, and reveal nothing of any key.
+        await audit.append(session, team_id=team_id, actor=audit.Actor.system(), action="keys.rotated",
+                           outcome="ok", details={"from_master_key": previous, "to_master_key": self.newest.id},
+                           at=row.rewrapped_at)
         return True
 
 

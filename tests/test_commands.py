@@ -140,3 +140,22 @@ async def test_bot_not_in_the_channel_is_explained(make_bot, workflows, target, 
     async with bot.services.db.read() as session:
         states = set((await session.execute(select(OutboxMessage.state))).scalars())
     assert "failed" in states and "pending" not in states
+
+
+async def test_an_unexpected_error_shows_a_reference_that_is_in_the_log(make_bot, workflows, target, caplog,
+                                                                        monkeypatch):
+    from bot.slack import commands
+
+    bot = await deploy_bot(make_bot, workflows, target)
+
+    async def broken(services, command, words):
+        raise RuntimeError("the database fell over")
+
+    monkeypatch.setitem(commands.SUBCOMMANDS, "runs", broken)
+    reply = await bot.command("runs")
+    assert reply.startswith("Something went wrong on relaybot's side (reference `")
+    reference = reply.split("`")[1]
+    assert len(reference) == 8
+    logged = [record for record in caplog.records if reference in record.getMessage()]
+    assert logged and "the database fell over" in (logged[0].exc_text or "")
+    assert "Traceback" not in reply and "RuntimeError" not in reply

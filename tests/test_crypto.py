@@ -308,6 +308,20 @@ async def test_rotation_stopped_half_way_and_run_again_ends_with_every_row_on_th
     for (team_id, name), value in values.items():
         assert await open_row(db, only_new, team_id, name) == value
         assert await open_row(db, running, team_id, name) == value
+    # Each re-wrap is in its workspace's audit log (key ids only), and every chain still verifies.
+    from bot import audit
+    from bot.store.models import AuditHead, AuditRecord
+
+    async with db.read() as session:
+        records = list((await session.execute(select(AuditRecord).where(AuditRecord.action == "keys.rotated")))
+                       .scalars())
+        heads = {head.team_id: {"seq": head.seq, "hash": head.hash}
+                 for head in (await session.execute(select(AuditHead))).scalars()}
+        for team_id in heads:
+            chain = [audit.record_fields(r) async for r in audit.iter_records(session, team_id=team_id)]
+            assert audit.verify_chain(team_id, chain, heads[team_id]) is None
+    assert len(records) == 25 and {r.details["to_master_key"] for r in records} == {new_id}
+    assert all(r.details["from_master_key"] == old_id for r in records)
     async with db.read() as session:
         assert all(row.rewrapped_at is not None for row in (await session.execute(select(DataKey))).scalars())
 
