@@ -28,7 +28,21 @@ from tests.fakes.github import FakeGitHub
 from tests.fakes.http_target import HttpTarget
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPORA = ROOT.parent / "shared" / "corpora"
+
+
+def _shared() -> Path:
+    """The team's shared folder (SPEC.md, the corpora): next to the checkout, or where RELAYBOT_SHARED says."""
+    candidates = [Path(os.environ["RELAYBOT_SHARED"])] if os.environ.get("RELAYBOT_SHARED") else []
+    candidates += [ROOT.parent / "shared", Path("/work/shared")]
+    for candidate in candidates:
+        if (candidate / "corpora").is_dir():
+            return candidate
+    raise RuntimeError(f"the shared corpora are not found (looked in {', '.join(map(str, candidates))}); "
+                       "set RELAYBOT_SHARED to the folder that holds SPEC.md and corpora/")
+
+
+SHARED = _shared()
+CORPORA = SHARED / "corpora"
 TEAM = "T0ACME001"
 CHANNEL = "C0DEPLOYS"
 ADMIN = "U0ADMIN01"

@@ -16,9 +16,9 @@ from bot.engine.expressions import compile_expression, compile_template, compile
 from bot.engine.loader import Catalog, compile_workflow
 from bot.engine.workflow import parse_duration
 from bot.errors import ExpressionError, WorkflowError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED
 
-SPEC_EXAMPLE = (ROOT.parent / "shared" / "SPEC.md").read_text().split("```yaml")[1].split("```")[0]
+SPEC_EXAMPLE = (SHARED / "SPEC.md").read_text().split("```yaml")[1].split("```")[0]
 
 
 def problems(text: str) -> list[str]:
