@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.respond.async_respond import AsyncRespond
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
@@ -86,7 +87,14 @@ def build_bolt_app(services: Services, *, socket_mode: bool = False) -> AsyncApp
         "ignoring_self_events_enabled": False,
     }
     if settings.oauth_enabled:
+        assert services.installations is not None
         options["oauth_settings"] = _oauth_settings(services)
+        # Bolt's default asks Slack `auth.test` on every request; the answer for a token does not change, so it
+        # is kept (a revoked token finds no installation any more, and is refused before the cache is asked).
+        options["authorize"] = AsyncInstallationStoreAuthorize(
+            logger=logging.getLogger("slack_bolt.authorize"), installation_store=services.installations,
+            client_id=settings.slack_client_id, client_secret=settings.slack_client_secret, bot_only=True,
+            cache_enabled=True, client=client)
     app = AsyncApp(**options)
 
     @app.command(settings.command)
