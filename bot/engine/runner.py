@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.audit import Actor
@@ -27,13 +27,15 @@ from bot.engine import journal, states
 from bot.engine.cards import render_card
 from bot.engine.concurrency import holders, wake_queued
 from bot.engine.context import expression_context
+from bot.engine.expressions import format_value
 from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
+from bot.engine.posting import ThreadInOrder
 from bot.errors import DecryptionError, ExpressionError, reference_id
 from bot.masking import LogMasker, MaskedSlackPoster
 from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
-from bot.store.models import Event, OutboxMessage, Run, Secret, Step, WorkflowVersion
+from bot.store.models import Event, Run, Secret, Step, WorkflowVersion
 from integrations.base import ActionContext, ActionFailed, SlackPoster
 from integrations.httpclient import HttpClient
 from integrations.registry import ACTIONS
@@ -93,37 +95,6 @@ async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now:
     await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
                              details={"steps": counts, "seconds": round(seconds, 3)},
                              thread=messages.thread_run_finished(outcome=outcome, counts=counts, seconds=seconds))
-
-
-class ThreadInOrder:
-    """A poster whose thread replies wait for the run's earlier replies still in the outbox (up to a few
-    seconds), so a `slack.post` into the thread reads after "step started", not before it."""
-
-    def __init__(self, inner: SlackPoster, *, db: Database, run_id: str, patience: float = 10.0) -> None:
-        self.inner = inner
-        self.db = db
-        self.run_id = run_id
-        self.patience = patience
-
-    async def _earlier_pending(self, up_to: int | None) -> tuple[int | None, int]:
-        async with self.db.read() as session:
-            newest = await session.scalar(select(func.max(OutboxMessage.id)).where(OutboxMessage.lane == self.run_id))
-            limit = up_to if up_to is not None else newest
-            if limit is None:
-                return None, 0
-            pending = await session.scalar(select(func.count()).select_from(OutboxMessage).where(
-                OutboxMessage.lane == self.run_id, OutboxMessage.state == "pending", OutboxMessage.id <= limit))
-            return limit, pending or 0
-
-    async def post_message(self, *, channel: str, text: str, blocks: list[dict[str, Any]] | None = None,
-                           thread_ts: str | None = None) -> dict[str, Any]:
-        if thread_ts:
-            deadline = time.monotonic() + self.patience
-            up_to, pending = await self._earlier_pending(None)
-            while pending and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                _, pending = await self._earlier_pending(up_to)
-        return await self.inner.post_message(channel=channel, text=text, blocks=blocks, thread_ts=thread_ts)
 
 
 class Runner:
@@ -352,8 +323,6 @@ class Runner:
         if compiled.title is None:
             return compiled.id
         try:
-            from bot.engine.expressions import format_value
-
             return format_value(compiled.title.render(expression_context(run=run, event=event, steps=steps)))[:150]
         except ExpressionError:
             return compiled.model.title or compiled.id
@@ -487,8 +456,6 @@ class Runner:
             self.metrics.step_seconds.labels(action=compiled.model.uses).observe(time.monotonic() - started)
 
     async def _renew_lease(self, run_id: str) -> None:
-        from sqlalchemy import update
-
         interval = max(self.lease.total_seconds() / 3, 0.05)
         while True:
             await asyncio.sleep(interval)

@@ -70,6 +70,12 @@ def _detail(step: Step) -> str | None:
     return None
 
 
+def step_lines(steps: Sequence[Step]) -> list[str]:
+    """One line per step: its state, who decided it, and a short result or error."""
+    return [messages.card_step_line(state=step.state, title=step.title, decided=_decided(step),
+                                    detail=_detail(step)) for step in steps]
+
+
 def run_card(run: Run, steps: Sequence[Step]) -> tuple[str, list[Block]]:
     """(fallback text, blocks) for a run's card in its current state."""
     card = run.card or {}
@@ -89,8 +95,7 @@ def run_card(run: Run, steps: Sequence[Step]) -> tuple[str, list[Block]]:
     if fields:
         blocks.append(SectionBlock(fields=fields))
     if steps:
-        lines = [messages.card_step_line(state=step.state, title=step.title, decided=_decided(step),
-                                         detail=_detail(step)) for step in steps]
+        lines = step_lines(steps)
         blocks.append(SectionBlock(text=MarkdownTextObject(text=_clip("\n".join(lines), 3000))))
     waiting = next((step for step in steps if step.state in (states.STEP_WAITING, states.UNKNOWN)), None)
     if waiting is not None and run.state == states.WAITING:

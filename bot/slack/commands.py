@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 
 from bot import audit
 from bot.audit import Actor
+from bot.engine.context import run_url
 from bot.engine.loader import CompiledWorkflow
 from bot.engine.triggers.status import trigger_statuses
 from bot.errors import NotAllowed, NotFound, UserError
@@ -23,6 +24,7 @@ from bot.ids import new_connection_id, new_webhook_secret, normalize_run_id
 from bot.services import Services
 from bot.slack import messages
 from bot.slack import secrets as secret_commands
+from bot.slack.blocks import step_lines
 from bot.slack.people import LookupFailed
 from bot.store.inbox import NewEvent
 from bot.store.models import Connection, Run, Step, Subscription, Workspace
@@ -316,7 +318,6 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
         runs = list((await session.execute(query)).scalars())
     if not runs:
         return "No runs in this channel yet." if not words else f"No runs of `{messages.escape(words[0])}` here yet."
-    from bot.engine.context import run_url
 
     lines = [f"`{run.id}` {messages.STATUS_TEXT.get(run.state, run.state)} · `{run.workflow}` · "
              f"{messages.escape(run.card.get('summary') or run.title)} · "
@@ -342,13 +343,11 @@ async def cmd_status(services: Services, command: Command, words: list[str]) -> 
     async with services.db.read() as session:
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)))
                      .scalars())
-    from bot.slack.blocks import _decided, _detail
 
     lines = [f"*Run `{run.id}`* of `{run.workflow}` in <#{run.channel_id}>: "
              f"{messages.STATUS_TEXT.get(run.state, run.state)}",
              messages.escape(run.card.get("summary") or run.title)]
-    lines += [messages.card_step_line(state=step.state, title=step.title, decided=_decided(step),
-                                      detail=_detail(step)) for step in steps]
+    lines += step_lines(steps)
     return "\n".join(lines)
 
 
