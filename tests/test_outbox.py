@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections import Counter
 
-from tests.conftest import CHANNEL, TEAM, connection_from, write_workflow
+from tests.conftest import BOTH_DATABASES, CHANNEL, TEAM, connection_from, write_workflow
 
 WORKFLOW = """
 name: notify
@@ -98,3 +99,31 @@ async def test_metrics_cover_the_whole_path(make_bot, workflows, target, slack):
                  "relaybot_outbox_depth 0.0", "relaybot_inbox_depth 0.0"):
         assert line in metrics, line
     assert TEAM not in metrics  # no workspace ids in label values
+
+
+@BOTH_DATABASES
+async def test_a_stalled_deliverer_that_lost_its_lane_posts_nothing_more(make_bot, workflows, target, slack):
+    """Process A posts a card and stalls past its lease (its answer is slow and its lease is not renewed);
+    process B takes the lane over, finds the card already in the channel and delivers the rest; when A wakes
+    up it must notice and stop, so no message is posted twice."""
+    first, fire = await setup(make_bot, workflows, target, outbox_lease_seconds=1)
+    stalled = asyncio.Event()
+
+    async def never_renew(delivery) -> None:  # a process whose event loop is stuck renews nothing
+        await stalled.wait()
+
+    first.services.outbox._keep_lease = never_renew
+    slack.answer_slowly("chat.postMessage", seconds=3)
+    await fire(0)
+    card = await first.wait_card(timeout=10)  # posted; the answer has not reached process A yet
+    second = await make_bot(outbox_lease_seconds=1)
+    await second.wait_thread(card, "Run succeeded", timeout=20)
+    await asyncio.sleep(3)  # A has its answer now and would go on posting
+    await second.settle(timeout=20)
+    await first.settle(timeout=20)
+    assert len(first.cards()) == 1
+    thread = first.thread_texts(card)
+    assert len(thread) == len(set(thread)) == 4, thread
+    cards_posted = [call for call in slack.calls if call.method == "chat.postMessage"
+                    and (call.args.get("metadata") or {}).get("event_payload", {}).get("card")]
+    assert len(cards_posted) == 1

@@ -121,6 +121,7 @@ class SlackEmulator:
         self.calls: list[Call] = []
         self.responses: list[dict[str, Any]] = []  # what arrived at response_url
         self.failures: dict[str, list[Failure]] = defaultdict(list)
+        self.slow_answers: dict[str, list[float]] = defaultdict(list)
         self.bot_url: str | None = None
         self.base_url = ""
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -168,6 +169,11 @@ class SlackEmulator:
              headers: dict[str, str] | None = None, times: int = 1) -> None:
         """Make the next `times` calls of `method` fail (status 429/5xx, or `ok: false` with `error`)."""
         self.failures[method].append(Failure(status=status, error=error, headers=headers or {}, remaining=times))
+
+    def answer_slowly(self, method: str, *, seconds: float, times: int = 1) -> None:
+        """Carry out the next `times` calls of `method` at once but answer each only after `seconds`, as Slack
+        does when the network is slow: the message is posted while its sender still waits."""
+        self.slow_answers[method].extend([seconds] * times)
 
     # ------------------------------------------------------------------------------------------ server
 
@@ -246,6 +252,8 @@ class SlackEmulator:
         self.calls.append(Call(method=method, args=args, token=token, team_id=team.id if team else None,
                                status=status, response=payload, at=time.time()))
         self._notify(method, args)
+        if self.slow_answers.get(method):
+            await asyncio.sleep(self.slow_answers[method].pop(0))
         return web.json_response(payload, status=status, headers=headers)
 
     def _notify(self, method: str, args: dict[str, Any]) -> None:

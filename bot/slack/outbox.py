@@ -76,10 +76,17 @@ class _Delivery:
     superseded: list[int] = field(default_factory=list)
     postponed: tuple[OutboxMessage, RetryLater] | None = None
     failed: tuple[OutboxMessage, str] | None = None
+    # Until when (time.monotonic) this process may still post for the lane: its lease, less a safety margin.
+    holds_until: float = 0.0
+    lost: bool = False
 
 
 class PermanentFailure(Exception):
     pass
+
+
+class LeaseLost(Exception):
+    """Another process has taken the lane over (this one stalled past its lease): it must not post any more."""
 
 
 class RetryLater(Exception):
@@ -159,6 +166,7 @@ class Outbox(WorkLoop):
         free = self.concurrency - len(self._active)
         if free <= 0:
             return 0
+        holds_until = time.monotonic() + self._holding_time()
         now = datetime.now(UTC)
         lease_free = or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)
         async with self.db.write() as session:
@@ -183,6 +191,8 @@ class Outbox(WorkLoop):
                                   .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
                                   .values(lease_owner=self.owner, lease_until=now + self.lease))
             deliveries = await self._load_lanes(session, lanes)
+        for delivery in deliveries.values():
+            delivery.holds_until = holds_until
         for lane in lanes:
             self._active[lane] = asyncio.create_task(self._deliver_lane(lane, deliveries.get(lane)),
                                                      name=f"outbox-{lane}")
@@ -210,24 +220,53 @@ class Outbox(WorkLoop):
             delivery.rows.append(row)
         return deliveries
 
-    async def _renew(self, lane: str) -> None:
-        """Keep the lane's lease while delivering (a 429 wait can be long): a live deliverer is never overtaken."""
-        while True:
-            await asyncio.sleep(max(self.lease.total_seconds() / 3, 0.05))
-            now = datetime.now(UTC)
-            async with self.db.write() as session:
-                await session.execute(update(OutboxMessage).where(
-                    OutboxMessage.lane == lane, OutboxMessage.state == "pending",
-                    OutboxMessage.lease_owner == self.owner, OutboxMessage.lease_until > now)
-                    .values(lease_until=now + self.lease))
+    def _holding_time(self) -> float:
+        """How long after (re)taking a lease this process still posts: the lease less half of it, so that a
+        post begun in time reaches Slack before another process may take the lane over and look at the
+        channel's history for what was already posted."""
+        return self.lease.total_seconds() / 2
+
+    async def _renew(self, delivery: _Delivery) -> bool:
+        """Extend the lane's lease, unless another process has taken it over; False when it has."""
+        holds_until = time.monotonic() + self._holding_time()
+        now = datetime.now(UTC)
+        # Only a claim changes the owner, so a lease that ran out but was not taken over is still ours.
+        async with self.db.write() as session:
+            renewed = await session.execute(update(OutboxMessage).where(
+                OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
+                OutboxMessage.lease_owner == self.owner).values(lease_until=now + self.lease))
+        if renewed.rowcount:  # type: ignore[attr-defined]
+            delivery.holds_until = max(delivery.holds_until, holds_until)
+            return True
+        if any(row.id not in delivery.sent and row.id not in delivery.superseded for row in delivery.rows):
+            delivery.lost = True
+        return False
+
+    async def _keep_lease(self, delivery: _Delivery) -> None:
+        """Keep the lane's lease while delivering (a 429 wait can be long): a live deliverer is not overtaken."""
+        while not delivery.lost:
+            await asyncio.sleep(max(self._holding_time() / 2, 0.05))
+            await self._renew(delivery)
+
+    async def _hold_lease(self, delivery: _Delivery) -> None:
+        """Called before each Slack call: a process that stalled past its margin renews first, and stops if
+        another has taken the lane meanwhile, so the two never post the same message."""
+        if not delivery.lost and time.monotonic() < delivery.holds_until:
+            return
+        if delivery.lost or not await self._renew(delivery):
+            delivery.lost = True
+            raise LeaseLost(delivery.lane)
 
     async def _deliver_lane(self, lane: str, delivery: _Delivery | None) -> None:
-        renewer = asyncio.create_task(self._renew(lane))
         delivery = delivery or _Delivery(lane=lane, rows=[], run=None, steps=[], card_ts=None)
+        renewer = asyncio.create_task(self._keep_lease(delivery))
         try:
             await self._drain(delivery)
         except asyncio.CancelledError:
             raise
+        except LeaseLost:
+            log.warning("outbox lane %s was taken over by another process while this one stalled; leaving it",
+                        lane)
         except Exception:
             log.exception("outbox lane %s failed; it will be retried", lane)
         finally:
@@ -268,8 +307,10 @@ class Outbox(WorkLoop):
                 return
             await asyncio.sleep(delay)
 
-    async def _call(self, team_id: str, pace_channel: str, method: str, /, **arguments: Any) -> dict[str, Any]:
+    async def _call(self, delivery: _Delivery, team_id: str, pace_channel: str, method: str, /,
+                    **arguments: Any) -> dict[str, Any]:
         await self._wait_for_channel(pace_channel)
+        await self._hold_lease(delivery)
         try:
             return await self.slack.call(team_id, method, **arguments)
         except SlackApiError as exc:
@@ -328,7 +369,7 @@ class Outbox(WorkLoop):
         if message.kind == POST:
             ts = await self._already_posted(message, thread_ts=None, card_of=None)
             if ts is None:
-                result = await self._call(message.team_id, message.channel_id, "chat.postMessage",
+                result = await self._call(delivery, message.team_id, message.channel_id, "chat.postMessage",
                                           channel=message.channel_id, metadata=_metadata(outbox=message.id),
                                           **message.payload)
                 ts = result.get("ts")
@@ -349,7 +390,7 @@ class Outbox(WorkLoop):
         if message.kind == REPLY:
             ts = await self._already_posted(message, thread_ts=delivery.card_ts, card_of=None)
             if ts is None:
-                result = await self._call(message.team_id, message.channel_id, "chat.postMessage",
+                result = await self._call(delivery, message.team_id, message.channel_id, "chat.postMessage",
                                           channel=message.channel_id, thread_ts=delivery.card_ts,
                                           metadata=_metadata(outbox=message.id), **message.payload)
                 ts = result.get("ts")
@@ -365,7 +406,7 @@ class Outbox(WorkLoop):
     async def _post_card(self, delivery: _Delivery, run: Run) -> str:
         text, blocks = run_card(run, delivery.steps)
         rendered = as_dicts(blocks)
-        result = await self._call(run.team_id, run.channel_id, "chat.postMessage", channel=run.channel_id,
+        result = await self._call(delivery, run.team_id, run.channel_id, "chat.postMessage", channel=run.channel_id,
                                   text=text, blocks=rendered, metadata=_metadata(card=run.id))
         delivery.shown = rendered
         return str(result["ts"])
@@ -383,7 +424,7 @@ class Outbox(WorkLoop):
         rendered = as_dicts(blocks)
         if rendered == delivery.shown:
             return
-        await self._call(fresh.team_id, fresh.channel_id, "chat.update", channel=fresh.channel_id,
+        await self._call(delivery, fresh.team_id, fresh.channel_id, "chat.update", channel=fresh.channel_id,
                          ts=delivery.card_ts, text=text, blocks=rendered)
         delivery.shown = rendered
 
