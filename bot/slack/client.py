@@ -6,17 +6,32 @@ app is never mutated per workspace.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from typing import Any, Protocol
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.version import __version__ as slack_sdk_version
+from slack_sdk.web.slack_response import SlackResponse
 
 from bot.metrics import Metrics
 from integrations.base import ActionFailed
 
 log = logging.getLogger(__name__)
+USER_AGENT = (f"relaybot Python/{sys.version_info.major}.{sys.version_info.minor} "
+              f"slack_sdk/{slack_sdk_version} aiohttp/{aiohttp.__version__}")
+# Methods that take a JSON body; the read methods (users.info, conversations.history ...) take form fields.
+JSON_METHODS = ("chat.", "views.")
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
 
 
 class NoToken(Exception):
@@ -54,29 +69,42 @@ class SlackApi:
         if self._session is not None:
             await self._session.close()
 
-    def client(self, token: str | None) -> AsyncWebClient:
-        # Retries are the outbox's job (it honours Retry-After and keeps order), not the SDK's.
-        return AsyncWebClient(token=token, base_url=self.base_url, session=self.session(), retry_handlers=[],
-                              timeout=int(self.timeout))
+    async def call(self, team_id: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        """One Web API call with the workspace's token; `SlackApiError` (as slack-sdk raises it) when Slack says
+        `ok: false` or answers with an error status.
 
-    async def for_team(self, team_id: str) -> AsyncWebClient:
+        A direct aiohttp request rather than slack-sdk's `api_call`: the outbox makes several calls per run,
+        and the SDK's per-call work (a client, request building, response wrapping) cost more CPU than the
+        rest of delivering a message.
+        """
         token = await self.tokens.bot_token(team_id)
         if not token:
             raise NoToken(f"no bot token for workspace {team_id}")
-        return self.client(token)
-
-    async def call(self, team_id: str, method: str, **kwargs: Any) -> dict[str, Any]:
-        client = await self.for_team(team_id)
+        url = self.base_url + method
+        headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
+        if method.startswith(JSON_METHODS):
+            headers["Content-Type"] = "application/json;charset=utf-8"
+            body: Any = json.dumps({k: v for k, v in kwargs.items() if v is not None})
+        else:
+            body = {k: _form_value(v) for k, v in kwargs.items() if v is not None}
+        async with self.session().post(url, data=body, headers=headers) as response:
+            raw = await response.read()
+            status, response_headers = response.status, dict(response.headers)
         try:
-            if method.startswith(("chat.", "views.")):
-                response = await client.api_call(method, json=kwargs)
-            else:  # read methods (users.info, usergroups.users.list ...) take form parameters
-                response = await client.api_call(method, data=kwargs)
-        except SlackApiError as exc:
-            self.metrics.slack_calls.labels(method=method, result=str(exc.response.get("error", "error"))).inc()
-            raise
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        if status != 200 or not data.get("ok", False):
+            data.setdefault("ok", False)
+            data.setdefault("error", "ratelimited" if status == 429 else f"http_{status}")
+            self.metrics.slack_calls.labels(method=method, result=str(data["error"])).inc()
+            answer = SlackResponse(client=None, http_verb="POST", api_url=url, req_args={}, data=data,
+                                   headers=response_headers, status_code=status)
+            raise SlackApiError(f"The request to the Slack API failed. (url: {url}, status: {status})", answer)
         self.metrics.slack_calls.labels(method=method, result="ok").inc()
-        return dict(response.data) if isinstance(response.data, dict) else {}
+        return data
 
 
 class TeamPoster:
