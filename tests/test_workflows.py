@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -220,3 +221,32 @@ def test_a_poll_naming_an_undeclared_parameter_is_reported():
             key: item.id
     """)
     assert found == ["w.yml:5: `params.repoo`: unknown parameter 'repoo' (declare it under params:)"]
+
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.sampled_from(["a", "b", "c_1"]), inner, max_size=3), max_leaves=12)
+
+
+@given(payload=st.dictionaries(st.sampled_from(["a", "b", "c_1"]), _json, max_size=3),
+       path=st.lists(st.sampled_from(["a", "b", "c_1"]), min_size=1, max_size=4))
+def test_field_paths_give_what_cel_gives(payload, path):
+    """Field paths are looked up without CEL when they can be; the answer (or the error) must be CEL's."""
+    source = ".".join(["event", *path])
+    fast = compile_expression(source)
+    assert fast.path is not None
+    through_cel = dataclasses.replace(fast, path=None)
+
+    def outcome(expression):
+        try:
+            return "value", expression.evaluate({"event": payload})
+        except ExpressionError as exc:
+            return "error", str(exc)
+
+    assert outcome(fast) == outcome(through_cel)
+
+
+def test_only_plain_field_paths_skip_cel():
+    assert compile_expression("event . a.b").path == ("event", "a", "b")
+    for source in ("event.a == 1", "event['a']", "true", "size(event)", "event.a.exists(x, x)"):
+        assert compile_expression(source).path is None

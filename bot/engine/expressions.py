@@ -61,12 +61,47 @@ class Scope(dict[str, Any]):
         return self._cel
 
 
+_FIELD_PATH = re.compile(r"[A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*")
+_INT64 = range(-(2**63), 2**63)
+_NOT_FOUND = object()
+
+
+def _field_path(source: str) -> tuple[str, ...] | None:
+    """`event.pull_request.number` as its names, if the expression is nothing but a field path."""
+    if not _FIELD_PATH.fullmatch(source) or source in ("true", "false", "null"):
+        return None
+    return tuple(name.strip() for name in source.split("."))
+
+
+def _look_up(path: tuple[str, ...], context: dict[str, Any]) -> Any:
+    """A field path's value found by plain dict lookups, or `_NOT_FOUND` where CEL must decide (a missing key, a
+    value that is not a map, a result CEL would convert). Most card and input templates are such paths; this
+    spares them turning the whole event into CEL values, and gives exactly what CEL would."""
+    value: Any = context
+    for name in path:
+        if type(value) is not dict and not isinstance(value, dict):
+            return _NOT_FOUND
+        value = value.get(name, _NOT_FOUND)
+        if value is _NOT_FOUND:
+            return _NOT_FOUND
+    if value is None or type(value) in (str, bool, float):
+        return value
+    if type(value) is int and value in _INT64:
+        return value
+    return _NOT_FOUND
+
+
 @dataclass(frozen=True)
 class Expression:
     source: str
     program: Any
+    path: tuple[str, ...] | None = None
 
     def evaluate(self, context: dict[str, Any]) -> Any:
+        if self.path is not None:
+            found = _look_up(self.path, context)
+            if found is not _NOT_FOUND:
+                return found
         prepared = (context.cel_context() if isinstance(context, Scope)
                     else cel.Context(variables=context, functions=_functions()))
         try:
@@ -102,7 +137,7 @@ def compile_expression(source: str) -> Expression:
         names = ", ".join(sorted(unknown))
         raise ExpressionError(f"`{source}`: unknown name {names} (use event, trigger, params, secrets, steps or "
                               "run)")
-    return Expression(source=source, program=program)
+    return Expression(source=source, program=program, path=_field_path(source))
 
 
 _MACRO_BINDING = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")

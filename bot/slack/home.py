@@ -70,7 +70,7 @@ async def build_home(services: Services, *, team_id: str, user_id: str, notice: 
         latest = list((await session.execute(select(Run).where(Run.team_id == team_id)
                                              .order_by(Run.created_at.desc()).limit(MAX_LATEST))).scalars())
 
-    blocks: list[Block] = [HeaderBlock(text=PlainTextObject(text="relaybot"))]
+    blocks: list[Block | dict[str, Any]] = [HeaderBlock(text=PlainTextObject(text="relaybot"))]
     if notice:
         blocks.append(SectionBlock(text=MarkdownTextObject(text=notice[:3000])))
     blocks.append(HeaderBlock(text=PlainTextObject(text="Waiting for your approval")))
