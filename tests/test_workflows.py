@@ -250,3 +250,47 @@ def test_only_plain_field_paths_skip_cel():
     assert compile_expression("event . a.b").path == ("event", "a", "b")
     for source in ("event.a == 1", "event['a']", "true", "size(event)", "event.a.exists(x, x)"):
         assert compile_expression(source).path is None
+
+
+_names = st.sampled_from(["a", "b", "c_1"])
+_path_text = st.lists(_names, min_size=0, max_size=3).map(lambda names: ".".join(["event", *names]))
+_expressions = st.one_of(
+    _path_text,
+    _path_text.map(lambda path: f"has({path}.a)" if path != "event" else "has(event.a)"),
+    _path_text.map(lambda path: f"size({path})"),
+    _path_text.map(lambda path: f'{path} == "x" || {path} == 1'),
+    _path_text.map(lambda path: f"{path}.exists(k, k == 'a')"),
+    _path_text.map(lambda path: f'{path}["a"]'),
+    _path_text.map(lambda path: f'{path}.startsWith("x")'),
+    _path_text.map(lambda path: f"{path}.filter(event, event == 'a')"),  # CEL iterates maps in no set order
+    st.tuples(_path_text, _path_text).map(lambda pair: f"[{pair[0]}, {pair[1]}]"),
+    st.tuples(_path_text, _path_text).map(lambda pair: f"{pair[0]} . {pair[1].removeprefix('event.')}"),
+)
+
+
+@given(payload=st.dictionaries(_names, _json, max_size=3), source=_expressions)
+def test_expressions_read_only_what_they_name_and_give_what_cel_gives(payload, source):
+    """An expression is handed only the parts of the event it reads; the answer (or the error) must be the one
+    CEL gives with the whole event."""
+    try:
+        expression = compile_expression(source)
+    except ExpressionError:
+        return
+    whole = dataclasses.replace(expression, path=None, reads=None)
+
+    def outcome(candidate):
+        try:
+            return "value", candidate.evaluate({"event": payload, "params": {"p": 1}})
+        except ExpressionError as exc:
+            return "error", str(exc)
+
+    assert outcome(expression) == outcome(whole)
+
+
+def test_what_an_expression_reads():
+    assert compile_expression('event.action == "opened"').reads == {"event": (("action",),)}
+    assert compile_expression("event.items.exists(x, x > 2)").reads == {"event": (("items",),)}
+    assert compile_expression('event["a"]').reads == {"event": ((),)}
+    assert compile_expression("size(event.a) + size(params)").reads == {"event": (("a",),), "params": ((),)}
+    assert compile_expression('event.a == "//"').reads is not None
+    assert compile_expression("event.a // a comment\n == 1").reads is None

@@ -91,19 +91,75 @@ def _look_up(path: tuple[str, ...], context: dict[str, Any]) -> Any:
     return _NOT_FOUND
 
 
+_CHAIN = re.compile(r"[A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*")
+Paths = tuple[tuple[str, ...], ...]
+
+
+def _used_paths(source: str) -> dict[str, Paths] | None:
+    """For each context name the expression uses, the field paths it reads below it; `()` among them means the
+    whole value. None when that cannot be told safely from the text (comments, triple quotes, escapes).
+
+    CEL reads data only along such paths, so a copy of the context holding just them evaluates the same; and it
+    is much cheaper to hand to CEL than a whole webhook payload."""
+    if "'''" in source or '"""' in source or "\\" in source:
+        return None
+    code = _STRING_LITERAL.sub('""', source)
+    if "//" in code:
+        return None
+    used: dict[str, set[tuple[str, ...]]] = {}
+    for match in _CHAIN.finditer(code):
+        if code[:match.start()].rstrip().endswith("."):
+            continue  # a field of something else, such as a call's result: `f(x).event`
+        names = [name.strip() for name in match.group(0).split(".")]
+        if names[0] not in CONTEXT_NAMES:
+            continue
+        if code[match.end():].lstrip().startswith("("):
+            names = names[:-1]  # `event.items.exists(…)`, `event.title.startsWith(…)`: a function, not a field
+        used.setdefault(names[0], set()).add(tuple(names[1:]))
+    return {name: tuple(sorted(paths)) for name, paths in used.items()}
+
+
+def _prune(value: Any, paths: Paths) -> Any:
+    if type(value) is not dict or any(not path for path in paths):
+        return value
+    below: dict[str, list[tuple[str, ...]]] = {}
+    for path in paths:
+        below.setdefault(path[0], []).append(path[1:])
+    return {key: _prune(value[key], tuple(rest)) for key, rest in below.items() if key in value}
+
+
+@functools.cache
+def _function_names() -> frozenset[str]:
+    return frozenset(part for name in _functions() for part in name.split("."))
+
+
+def _uses_functions(source: str) -> bool:
+    names = set(re.findall(r"[A-Za-z_]\w*", _STRING_LITERAL.sub('""', source)))
+    return bool(names & _function_names())
+
+
 @dataclass(frozen=True)
 class Expression:
     source: str
     program: Any
     path: tuple[str, ...] | None = None
+    reads: dict[str, Paths] | None = None
+    uses_functions: bool = True
 
     def evaluate(self, context: dict[str, Any]) -> Any:
         if self.path is not None:
             found = _look_up(self.path, context)
             if found is not _NOT_FOUND:
                 return found
-        prepared = (context.cel_context() if isinstance(context, Scope)
-                    else cel.Context(variables=context, functions=_functions()))
+        if self.reads is not None:
+            variables = {name: _prune(context[name], paths) for name, paths in self.reads.items()
+                         if name in context}
+            prepared = (cel.Context(variables=variables, functions=_functions()) if self.uses_functions
+                        else cel.Context(variables=variables))
+        elif isinstance(context, Scope):
+            prepared = context.cel_context()
+        else:
+            prepared = cel.Context(variables=context, functions=_functions())
         try:
             return self.program.execute(prepared)
         except KeyError as exc:
@@ -137,7 +193,11 @@ def compile_expression(source: str) -> Expression:
         names = ", ".join(sorted(unknown))
         raise ExpressionError(f"`{source}`: unknown name {names} (use event, trigger, params, secrets, steps or "
                               "run)")
-    return Expression(source=source, program=program, path=_field_path(source))
+    reads = _used_paths(source)
+    if reads is not None and not set(program.variables()) - STDLIB_NAMESPACES - _bound_names(source) <= set(reads):
+        reads = None  # CEL sees a name the text scan missed: give it everything
+    return Expression(source=source, program=program, path=_field_path(source), reads=reads,
+                      uses_functions=_uses_functions(source))
 
 
 _MACRO_BINDING = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
