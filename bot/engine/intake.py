@@ -166,7 +166,8 @@ class Intake:
                 subscriptions.setdefault(subscription.team_id, []).append(subscription)
             planned = [(event, self._plan_run(event, match, now)) for event in events
                        for match in await _matches(session, self.catalog, event, subscriptions)]
-        async with self.db.write() as session:
+
+        async def start_runs(session: AsyncSession) -> None:
             # Claimed here, conditionally: another process may have taken some of them meanwhile.
             claimed = set((await session.execute(
                 update(Event).where(Event.id.in_([event.id for event in events]), Event.processed_at.is_(None))
@@ -174,6 +175,8 @@ class Intake:
             for event, plan in planned:
                 if event.id in claimed:
                     await self._record(session, event, plan, now)
+
+        await self.db.transaction(start_runs)
         return len(events)
 
     async def start_now(self, new_event: NewEvent) -> str:

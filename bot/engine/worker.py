@@ -12,6 +12,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine import states
 from bot.engine.intake import Intake
@@ -50,17 +51,23 @@ class Engine(WorkLoop):
         if free <= 0:
             return 0
         now = datetime.now(UTC)
-        async with self.db.write() as session:
+        active = set(self._active)
+
+        async def lease_due_runs(session: AsyncSession) -> list[str]:
             due = (select(Run.id).where(Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now,
                                         or_(Run.lease_until.is_(None), Run.lease_until < now))
                    .order_by(Run.wake_at).limit(free))
             if not self.db.is_sqlite:
                 due = due.with_for_update(skip_locked=True)
-            ids = [run_id for run_id in (await session.execute(due)).scalars() if run_id not in self._active]
-            if not ids:
-                return 0
-            await session.execute(update(Run).where(Run.id.in_(ids))
-                                  .values(lease_owner=self.owner, lease_until=now + self.lease))
+            ids = [run_id for run_id in (await session.execute(due)).scalars() if run_id not in active]
+            if ids:
+                await session.execute(update(Run).where(Run.id.in_(ids))
+                                      .values(lease_owner=self.owner, lease_until=now + self.lease))
+            return ids
+
+        ids = await self.db.transaction(lease_due_runs)
+        if not ids:
+            return 0
         for run_id in ids:
             self._active[run_id] = asyncio.create_task(self._advance(run_id), name=f"run-{run_id}")
         return len(ids)

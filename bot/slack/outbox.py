@@ -14,6 +14,7 @@ messages and are logged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -169,7 +170,9 @@ class Outbox(WorkLoop):
         holds_until = time.monotonic() + self._holding_time()
         now = datetime.now(UTC)
         lease_free = or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)
-        async with self.db.write() as session:
+        active = set(self._active)
+
+        async def claim(session: AsyncSession) -> tuple[list[str], set[int], dict[str, _Delivery]]:
             if not self.db.is_sqlite:
                 # One claimer at a time across processes (SQLite's write lock already is one): otherwise two
                 # processes could each claim part of a lane and deliver it out of order, or twice.
@@ -180,17 +183,22 @@ class Outbox(WorkLoop):
             query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
                      .where(OutboxMessage.not_before <= now, lease_free)
                      .order_by(OutboxMessage.id).limit(min(free, LANES_PER_ROUND)))
-            lanes = [lane for lane in (await session.execute(query)).scalars() if lane not in self._active]
+            lanes = [lane for lane in (await session.execute(query)).scalars() if lane not in active]
             if not lanes:
-                return 0
+                return [], set(), {}
             # Messages leased by a process that stopped mid-delivery may have reached Slack already.
-            self._suspect |= set((await session.execute(select(OutboxMessage.id).where(
+            suspect = set((await session.execute(select(OutboxMessage.id).where(
                 OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending",
                 OutboxMessage.lease_owner.is_not(None)))).scalars())
             await session.execute(update(OutboxMessage)
                                   .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
                                   .values(lease_owner=self.owner, lease_until=now + self.lease))
-            deliveries = await self._load_lanes(session, lanes)
+            return lanes, suspect, await self._load_lanes(session, lanes)
+
+        lanes, suspect, deliveries = await self.db.transaction(claim)
+        if not lanes:
+            return 0
+        self._suspect |= suspect
         for delivery in deliveries.values():
             delivery.holds_until = holds_until
         for lane in lanes:
@@ -436,39 +444,45 @@ class Outbox(WorkLoop):
         sent = {key: value for d in deliveries for key, value in d.sent.items()}
         timestamps = {key: value for key, value in sent.items() if value is not None}
         superseded = [message_id for d in deliveries for message_id in d.superseded]
-        async with self.db.write() as session:
-            if card_ts:
-                await session.execute(update(Run).where(Run.id.in_(list(card_ts)), Run.card_ts.is_(None))
-                                      .values(card_ts=case(card_ts, value=Run.id)))
-            if sent:
-                await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(sent))).values(
-                    state="sent", sent_at=now,
-                    result_ts=case(timestamps, value=OutboxMessage.id) if timestamps else None))
-            if superseded:
-                await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
-                                      .values(state="superseded", sent_at=now))
-            for delivery in deliveries:
-                if delivery.postponed is not None:
-                    message, later = delivery.postponed
-                    attempts = message.attempts + (0 if later.rate_limited else 1)
-                    delay = later.delay if later.rate_limited else min(MAX_BACKOFF, 2 ** min(attempts, 9) * 0.5)
-                    log.info("outbox: %s (lane %s) postponed %.1fs: %s", message.kind, delivery.lane, delay,
-                             later.reason)
-                    await session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(
-                        attempts=attempts, last_error=later.reason, not_before=now + timedelta(seconds=delay)))
-                if delivery.failed is not None:
-                    message, reason = delivery.failed
-                    # Without it (usually the card) the rest of the lane cannot be delivered either.
-                    log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", delivery.lane,
-                              message.channel_id, message.team_id, reason)
-                    await session.execute(update(OutboxMessage).where(
-                        OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
-                        OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
-            await session.execute(update(OutboxMessage)
-                                  .where(OutboxMessage.lane.in_([d.lane for d in deliveries]),
-                                         OutboxMessage.lease_owner == self.owner)
-                                  .values(lease_owner=None, lease_until=None))
+        await self.db.transaction(functools.partial(self._record, deliveries=deliveries, now=now, card_ts=card_ts,
+                                                    sent=sent, timestamps=timestamps, superseded=superseded))
         return [None] * len(deliveries)
+
+    async def _record(self, session: AsyncSession, *, deliveries: list[_Delivery], now: datetime,
+                      card_ts: dict[str, str], sent: dict[int, str | None], timestamps: dict[int, str],
+                      superseded: list[int]) -> None:
+        """What the deliveries learned, in one transaction; then their lanes are free for anyone again."""
+        if card_ts:
+            await session.execute(update(Run).where(Run.id.in_(list(card_ts)), Run.card_ts.is_(None))
+                                  .values(card_ts=case(card_ts, value=Run.id)))
+        if sent:
+            await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(sent))).values(
+                state="sent", sent_at=now,
+                result_ts=case(timestamps, value=OutboxMessage.id) if timestamps else None))
+        if superseded:
+            await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
+                                  .values(state="superseded", sent_at=now))
+        for delivery in deliveries:
+            if delivery.postponed is not None:
+                message, later = delivery.postponed
+                attempts = message.attempts + (0 if later.rate_limited else 1)
+                delay = later.delay if later.rate_limited else min(MAX_BACKOFF, 2 ** min(attempts, 9) * 0.5)
+                log.info("outbox: %s (lane %s) postponed %.1fs: %s", message.kind, delivery.lane, delay,
+                         later.reason)
+                await session.execute(update(OutboxMessage).where(OutboxMessage.id == message.id).values(
+                    attempts=attempts, last_error=later.reason, not_before=now + timedelta(seconds=delay)))
+            if delivery.failed is not None:
+                message, reason = delivery.failed
+                # Without it (usually the card) the rest of the lane cannot be delivered either.
+                log.error("outbox: giving up on lane %s in channel %s of workspace %s: %s", delivery.lane,
+                          message.channel_id, message.team_id, reason)
+                await session.execute(update(OutboxMessage).where(
+                    OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
+                    OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
+        await session.execute(update(OutboxMessage)
+                              .where(OutboxMessage.lane.in_([d.lane for d in deliveries]),
+                                     OutboxMessage.lease_owner == self.owner)
+                              .values(lease_owner=None, lease_until=None))
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""

@@ -5,25 +5,36 @@ on a single pooled writer connection. A deferred transaction that reads and then
 timeout and fails with "database is locked" under concurrent writers; taking the write lock up front, and
 queueing this process's writers on one connection, means that cannot happen. Reads use their own pool.
 
+SQLite, the busy paths (`Database.transaction`): the whole transaction runs in one hand-off to a writer thread
+with the synchronous driver. Through aiosqlite every statement is a trip to its thread and back through the
+event loop, and a loaded loop made each trip wait for milliseconds while the transaction held the one write lock:
+the database stood idle, locked, most of the time. Both kinds of writer take the same lock in this process.
+
 PostgreSQL: one pool; callers that claim work use `FOR UPDATE SKIP LOCKED` (see `Database.skip_locked`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import event, insert
+from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+
+T = TypeVar("T")
+Body = Callable[[AsyncSession], Coroutine[Any, Any, T]]
 
 BUSY_TIMEOUT_MS = 30_000
 BULK_KEY = "relaybot.insert_later"
 
 
-def insert_later(session: AsyncSession, model: type[Any], row: dict[str, Any]) -> bool:
+def insert_later(session: AsyncSession | Session, model: type[Any], row: dict[str, Any]) -> bool:
     """Queue a row to be inserted with others of its table in one statement at the end of the transaction.
 
     The ORM inserts rows whose primary key it must learn one statement at a time; rows nobody reads back in
@@ -45,6 +56,63 @@ async def flush_later(session: AsyncSession) -> None:
     pending.clear()
 
 
+class SyncSessionAsAsync:
+    """AsyncSession's methods over a synchronous Session, as coroutines that never suspend.
+
+    It lets a transaction written as ordinary async code (`await session.execute(...)`) run start to finish on
+    the SQLite writer thread: see `_run_to_completion`.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.sync_session = session
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        return self.sync_session.info
+
+    @property
+    def bind(self) -> Any:
+        return self.sync_session.bind
+
+    def add(self, instance: object) -> None:
+        self.sync_session.add(instance)
+
+    def add_all(self, instances: Any) -> None:
+        self.sync_session.add_all(instances)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self.sync_session.execute(*args, **kwargs)
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        return self.sync_session.scalar(*args, **kwargs)
+
+    async def scalars(self, *args: Any, **kwargs: Any) -> Any:
+        return self.sync_session.scalars(*args, **kwargs)
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        return self.sync_session.get(*args, **kwargs)
+
+    async def flush(self, *args: Any, **kwargs: Any) -> None:
+        self.sync_session.flush(*args, **kwargs)
+
+    async def delete(self, instance: object) -> None:
+        self.sync_session.delete(instance)
+
+
+class SuspendedTransaction(RuntimeError):
+    """A transaction body meant for the writer thread awaited something other than the database."""
+
+
+def _run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine whose awaits all complete at once (see `SyncSessionAsAsync`) to its end, here."""
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return cast(T, finished.value)
+    coroutine.close()
+    raise SuspendedTransaction("a transaction on the writer thread awaited something other than the database")
+
+
 def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
     engine = create_async_engine(
         url,
@@ -58,8 +126,22 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
         # another trip to aiosqlite's thread.
         pool_reset_on_return=None,
     )
+    _configure_sqlite(engine.sync_engine, writer=writer)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def _sqlite_thread_writer(url: str, *, echo: bool) -> Engine:
+    """The synchronous twin of the async writer, for `Database.transaction` (used from one thread only)."""
+    sync_url = make_url(url).set(drivername="sqlite")
+    engine = create_engine(sync_url, echo=echo, poolclass=QueuePool, pool_size=1, max_overflow=0,
+                           connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+                           pool_reset_on_return=None)
+    _configure_sqlite(engine, writer=True)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, writer: bool) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's begin event, not the driver, open transactions.
         dbapi_connection.isolation_level = None
@@ -70,14 +152,12 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # Writers take the write lock up front. Readers run each SELECT in its own implicit transaction: a WAL
         # reader never blocks anyone, and a read-only "transaction" would only add BEGIN/COMMIT round trips.
         if writer:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 class Database:
@@ -87,9 +167,14 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
+        self._thread_writer: Engine | None = None
+        self._write_lock = asyncio.Lock()
         if self.dialect == "sqlite":
             self._writer = _sqlite_engine(url, writer=True, echo=echo)
             self._reader = _sqlite_engine(url, writer=False, echo=echo)
+            self._thread_writer = _sqlite_thread_writer(url, echo=echo)
+            self._thread_sessions = sessionmaker(self._thread_writer, expire_on_commit=False)
+            self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-writer")
         else:
             self._writer = create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
                                                pool_pre_ping=True)
@@ -113,10 +198,38 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
-        async with self._write_sessions() as session, session.begin():
+        if self.is_sqlite:
+            await self._write_lock.acquire()
+        try:
+            async with self._write_sessions() as session, session.begin():
+                session.info[BULK_KEY] = {}
+                yield session
+                await flush_later(session)
+        finally:
+            if self.is_sqlite:
+                self._write_lock.release()
+
+    async def transaction(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`body(session)` as one write transaction, for the busy paths.
+
+        On SQLite the whole body runs in one hand-off to the writer thread, so it must await nothing but the
+        session (it gets a `SyncSessionAsAsync`; anything else raises `SuspendedTransaction` and rolls back).
+        On PostgreSQL it is an ordinary `write()` block.
+        """
+        if not self.is_sqlite:
+            async with self.write() as session:
+                return await body(session)
+        async with self._write_lock:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._writer_thread, self._run_on_writer_thread, body)
+
+    def _run_on_writer_thread(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        with self._thread_sessions() as session, session.begin():
             session.info[BULK_KEY] = {}
-            yield session
-            await flush_later(session)
+            adapter = cast(AsyncSession, SyncSessionAsAsync(session))
+            result = _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
+            _run_to_completion(flush_later(adapter))
+            return result
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -134,6 +247,9 @@ class Database:
             await session.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        if self._thread_writer is not None:
+            self._writer_thread.submit(self._thread_writer.dispose).result()
+            self._writer_thread.shutdown(wait=True)
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.batching import GroupCommit
 from bot.store.db import Database
@@ -23,6 +24,7 @@ from bot.store.models import Event
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 500
+Key = tuple[str, str, str]
 
 
 @dataclass
@@ -76,19 +78,23 @@ class Inbox:
 
     async def _write(self, events: list[NewEvent]) -> list[Stored]:
         dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
-        async with self.db.write() as session:
+
+        async def store(session: AsyncSession) -> tuple[dict[Key, int], dict[Key, int]]:
             statement = (dialect_insert(Event).values([event.row() for event in events])
                          .on_conflict_do_nothing(index_elements=["team_id", "source", "delivery_id"])
                          .returning(Event.id, Event.team_id, Event.source, Event.delivery_id))
             inserted = {(team, source, delivery): event_id
                         for event_id, team, source, delivery in (await session.execute(statement)).all()}
             missing = {event.key for event in events if event.key not in inserted}
-            existing: dict[tuple[str, str, str], int] = {}
+            existing: dict[Key, int] = {}
             if missing:
                 rows = await session.execute(select(Event.id, Event.team_id, Event.source, Event.delivery_id)
                                              .where(tuple_(Event.team_id, Event.source, Event.delivery_id)
                                                     .in_(list(missing))))
                 existing = {(team, source, delivery): event_id for event_id, team, source, delivery in rows.all()}
+            return inserted, existing
+
+        inserted, existing = await self.db.transaction(store)
         results: list[Stored] = []
         claimed: set[tuple[str, str, str]] = set()
         for event in events:
