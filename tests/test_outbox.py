@@ -127,3 +127,45 @@ async def test_a_stalled_deliverer_that_lost_its_lane_posts_nothing_more(make_bo
     cards_posted = [call for call in slack.calls if call.method == "chat.postMessage"
                     and (call.args.get("metadata") or {}).get("event_payload", {}).get("card")]
     assert len(cards_posted) == 1
+
+
+@BOTH_DATABASES
+async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url, monkeypatch):
+    """Lanes are found among the oldest pending messages; when those all belong to lanes that must wait (a
+    message postponed after a 429, a lane another process holds), every lane's head is looked at instead."""
+    from datetime import UTC, datetime, timedelta
+
+    from bot.slack import outbox
+    from bot.store import migrate
+    from bot.store.db import Database
+    from bot.store.models import OutboxMessage
+
+    monkeypatch.setattr(outbox, "SCAN_ROWS", 4)
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    now = datetime.now(UTC)
+
+    def message(lane: str, *, due: datetime, leased: bool = False) -> OutboxMessage:
+        return OutboxMessage(team_id=TEAM, channel_id=CHANNEL, run_id=None, lane=lane, kind="post", payload={},
+                             state="pending", attempts=0, not_before=due, created_at=now,
+                             lease_owner="other" if leased else None,
+                             lease_until=now + timedelta(minutes=1) if leased else None)
+
+    try:
+        async with db.write() as session:
+            session.add_all([message("postponed", due=now + timedelta(minutes=5)) for _ in range(3)])
+            session.add_all([message("held", due=now, leased=True) for _ in range(3)])
+            session.add(message("free-1", due=now))
+            session.add(message("postponed", due=now))  # behind its lane's postponed head
+            session.add(message("free-2", due=now))
+        async with db.read() as session:
+            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set()) == [
+                "free-1", "free-2"]
+            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=1, exclude={"free-1"}) == [
+                "free-2"]
+        monkeypatch.setattr(outbox, "SCAN_ROWS", 100)
+        async with db.read() as session:
+            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set()) == [
+                "free-1", "free-2"]
+    finally:
+        await db.dispose()

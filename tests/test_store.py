@@ -48,11 +48,12 @@ async def test_concurrent_writers_never_fail(database_url):
     inbox = Inbox(db)
     other = Database(database_url)  # a second pool, as a second process would have
 
-    async def store(index: int) -> None:
+    async def store(index: int) -> Any:
         from datetime import UTC, datetime
 
-        await inbox.store(NewEvent(team_id="T1", source="webhook", delivery_id=f"d{index % 150}", kind="webhook",
-                                   payload={"i": index}, received_at=datetime.now(UTC)))
+        return index % 150, await inbox.store(NewEvent(
+            team_id="T1", source="webhook", delivery_id=f"d{index % 150}", kind="webhook", payload={"i": index},
+            received_at=datetime.now(UTC)))
 
     async def write_directly(index: int) -> None:
         from datetime import UTC, datetime
@@ -62,7 +63,11 @@ async def test_concurrent_writers_never_fail(database_url):
                               headers={}, received_at=datetime.now(UTC), actionable=True))
 
     try:
-        await asyncio.gather(*[store(i) for i in range(300)], *[write_directly(i) for i in range(100)])
+        results = await asyncio.gather(*[store(i) for i in range(300)], *[write_directly(i) for i in range(100)])
+        stored = [result for result in results if result is not None]
+        firsts = {key: outcome.event_id for key, outcome in stored if not outcome.duplicate}
+        assert len(firsts) == 150, "each delivery is stored once, and its first caller is told so"
+        assert all(outcome.event_id == firsts[key] for key, outcome in stored if outcome.duplicate)
         async with db.read() as session:
             assert await session.scalar(select(func.count()).select_from(Event).where(Event.team_id == "T1")) == 150
             assert await session.scalar(select(func.count()).select_from(Event).where(Event.team_id == "T2")) == 100
@@ -70,3 +75,58 @@ async def test_concurrent_writers_never_fail(database_url):
         await inbox.close()
         await db.dispose()
         await other.dispose()
+
+
+async def test_a_transaction_body_may_only_wait_for_the_database(database_url):
+    """On SQLite `transaction()` runs its body whole on the writer thread: a body that awaits anything else is
+    refused and rolled back (on PostgreSQL it is an ordinary transaction)."""
+    from datetime import UTC, datetime
+
+    from bot.store.db import SuspendedTransaction
+
+    db = Database(database_url)
+    await migrate.upgrade(db)
+
+    async def naps_inside(session: Any) -> None:
+        session.add(Event(team_id="T3", source="webhook", delivery_id="nap", kind="webhook", payload={},
+                          headers={}, received_at=datetime.now(UTC), actionable=True))
+        await session.flush()
+        await asyncio.sleep(0.01)
+
+    try:
+        if db.is_sqlite:
+            try:
+                await db.transaction(naps_inside)
+                raise AssertionError("a body that sleeps was run on the writer thread")
+            except SuspendedTransaction:
+                pass
+            async with db.read() as session:
+                assert await session.scalar(select(func.count()).select_from(Event)
+                                            .where(Event.team_id == "T3")) == 0
+        else:
+            await db.transaction(naps_inside)
+
+        async def count(session: Any) -> int:
+            return int(await session.scalar(select(func.count()).select_from(Event)))
+
+        # Writers of both kinds, urgent or not, and one cancelled while it waits: every one that ran committed.
+        async def direct(index: int) -> None:
+            async with db.write() as session:
+                session.add(Event(team_id="T4", source="webhook", delivery_id=f"w{index}", kind="webhook",
+                                  payload={}, headers={}, received_at=datetime.now(UTC), actionable=True))
+
+        async def through_body(index: int) -> None:
+            async def body(session: Any) -> None:
+                session.add(Event(team_id="T4", source="webhook", delivery_id=f"b{index}", kind="webhook",
+                                  payload={}, headers={}, received_at=datetime.now(UTC), actionable=True))
+            await db.transaction(body, urgent=index % 2 == 0)
+
+        doomed = asyncio.ensure_future(through_body(999))
+        doomed.cancel()
+        await asyncio.gather(*[direct(i) for i in range(30)], *[through_body(i) for i in range(30)])
+        assert await db.transaction(count) >= 60
+        async with db.read() as session:
+            written = await session.scalar(select(func.count()).select_from(Event).where(Event.team_id == "T4"))
+        assert written in (60, 61)  # the cancelled one may have got through before it was cancelled
+    finally:
+        await db.dispose()

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,6 +50,7 @@ MAX_BACKOFF = 300.0
 HISTORY_PAGE = 999  # the most Slack returns per page
 HISTORY_PAGES = 5
 LANES_PER_ROUND = 64
+SCAN_ROWS = 2048  # pending messages read to find lanes to claim, before falling back to every lane's head
 
 
 # The PostgreSQL advisory lock key that serializes lane claims (any constant unique to relaybot).
@@ -169,7 +170,6 @@ class Outbox(WorkLoop):
             return 0
         holds_until = time.monotonic() + self._holding_time()
         now = datetime.now(UTC)
-        lease_free = or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now)
         active = set(self._active)
 
         async def claim(session: AsyncSession) -> tuple[list[str], set[int], dict[str, _Delivery]]:
@@ -177,13 +177,8 @@ class Outbox(WorkLoop):
                 # One claimer at a time across processes (SQLite's write lock already is one): otherwise two
                 # processes could each claim part of a lane and deliver it out of order, or twice.
                 await session.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
-            # Lanes whose first pending message is due and not leased by anyone.
-            heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
-                     .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
-            query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
-                     .where(OutboxMessage.not_before <= now, lease_free)
-                     .order_by(OutboxMessage.id).limit(min(free, LANES_PER_ROUND)))
-            lanes = [lane for lane in (await session.execute(query)).scalars() if lane not in active]
+            lanes = await self._claimable_lanes(session, now=now, wanted=min(free, LANES_PER_ROUND),
+                                                exclude=active)
             if not lanes:
                 return [], set(), {}
             # Messages leased by a process that stopped mid-delivery may have reached Slack already.
@@ -205,6 +200,40 @@ class Outbox(WorkLoop):
             self._active[lane] = asyncio.create_task(self._deliver_lane(lane, deliveries.get(lane)),
                                                      name=f"outbox-{lane}")
         return len(lanes)
+
+    @staticmethod
+    async def _claimable_lanes(session: AsyncSession, *, now: datetime, wanted: int, exclude: set[Hashable]
+                               ) -> list[str]:
+        """Lanes whose first pending message is due and leased by nobody, oldest first.
+
+        Read from the oldest pending messages (the first one seen of a lane is its head), which costs the same
+        however long the queue is; only when those are all held up is every lane's head looked up.
+        """
+        def usable(lane: str, not_before: datetime, lease_until: datetime | None) -> bool:
+            return lane not in exclude and not_before <= now and (lease_until is None or lease_until < now)
+
+        oldest = (await session.execute(
+            select(OutboxMessage.lane, OutboxMessage.not_before, OutboxMessage.lease_until)
+            .where(OutboxMessage.state == "pending").order_by(OutboxMessage.id).limit(SCAN_ROWS))).all()
+        seen: set[str] = set()
+        lanes: list[str] = []
+        for lane, not_before, lease_until in oldest:
+            if lane in seen:
+                continue
+            seen.add(lane)
+            if usable(lane, not_before, lease_until):
+                lanes.append(lane)
+                if len(lanes) == wanted:
+                    return lanes
+        if len(oldest) < SCAN_ROWS:
+            return lanes
+        heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
+                 .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
+        query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
+                 .where(OutboxMessage.not_before <= now,
+                        or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
+                 .order_by(OutboxMessage.id).limit(wanted + len(exclude)))
+        return [lane for lane in (await session.execute(query)).scalars() if lane not in exclude][:wanted]
 
     async def _load_lanes(self, session: AsyncSession, lanes: list[str]) -> dict[str, _Delivery]:
         """The claimed lanes' messages, with their runs and steps: read once, in the claiming transaction."""

@@ -16,6 +16,8 @@ PostgreSQL: one pool; callers that claim work use `FOR UPDATE SKIP LOCKED` (see 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -109,6 +111,10 @@ def _run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
         coroutine.send(None)
     except StopIteration as finished:
         return cast(T, finished.value)
+    except RuntimeError as exc:
+        if "no running event loop" not in str(exc):
+            raise
+        raise SuspendedTransaction("a transaction on the writer thread needed the event loop") from exc
     coroutine.close()
     raise SuspendedTransaction("a transaction on the writer thread awaited something other than the database")
 
@@ -160,6 +166,37 @@ def _configure_sqlite(engine: Engine, *, writer: bool) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class WriteLock:
+    """One SQLite writer at a time in this process, first come first served, except that writes somebody is
+    waiting on (a webhook's `202`) go before the background ones."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    async def acquire(self, *, urgent: bool = False) -> None:
+        if not self._held and not self._waiters:
+            self._held = True
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (0 if urgent else 1, next(self._arrivals), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed over just as the waiter was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, turn = heapq.heappop(self._waiters)
+            if not turn.done():
+                turn.set_result(None)  # the lock goes straight to this waiter: it stays held
+                return
+        self._held = False
+
+
 class Database:
     """The project's one handle on the database; built by the app factory and passed down."""
 
@@ -168,7 +205,7 @@ class Database:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self._thread_writer: Engine | None = None
-        self._write_lock = asyncio.Lock()
+        self._write_lock = WriteLock()
         if self.dialect == "sqlite":
             self._writer = _sqlite_engine(url, writer=True, echo=echo)
             self._reader = _sqlite_engine(url, writer=False, echo=echo)
@@ -209,19 +246,26 @@ class Database:
             if self.is_sqlite:
                 self._write_lock.release()
 
-    async def transaction(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def transaction(self, body: Callable[[AsyncSession], Awaitable[T]], *, urgent: bool = False) -> T:
         """`body(session)` as one write transaction, for the busy paths.
 
         On SQLite the whole body runs in one hand-off to the writer thread, so it must await nothing but the
         session (it gets a `SyncSessionAsAsync`; anything else raises `SuspendedTransaction` and rolls back).
-        On PostgreSQL it is an ordinary `write()` block.
+        On PostgreSQL it is an ordinary `write()` block. `urgent`: somebody waits for it (SQLite: goes first).
         """
         if not self.is_sqlite:
             async with self.write() as session:
                 return await body(session)
-        async with self._write_lock:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._writer_thread, self._run_on_writer_thread, body)
+        await self._write_lock.acquire(urgent=urgent)
+        try:
+            running = asyncio.get_running_loop().run_in_executor(self._writer_thread, self._run_on_writer_thread,
+                                                                 body)
+        except BaseException:
+            self._write_lock.release()
+            raise
+        # Released when the thread is done, even if the caller is cancelled meanwhile.
+        running.add_done_callback(lambda _: self._write_lock.release())
+        return await asyncio.shield(running)
 
     def _run_on_writer_thread(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
         with self._thread_sessions() as session, session.begin():

@@ -79,22 +79,25 @@ class Inbox:
     async def _write(self, events: list[NewEvent]) -> list[Stored]:
         dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
 
+        # One statement for all rows, compiled once per process (a VALUES list of the batch's length was
+        # compiled anew for every batch).
+        statement = (dialect_insert(Event).on_conflict_do_nothing(index_elements=["team_id", "source", "delivery_id"])
+                     .returning(Event.id, Event.team_id, Event.source, Event.delivery_id))
+        rows = [event.row() for event in events]
+
         async def store(session: AsyncSession) -> tuple[dict[Key, int], dict[Key, int]]:
-            statement = (dialect_insert(Event).values([event.row() for event in events])
-                         .on_conflict_do_nothing(index_elements=["team_id", "source", "delivery_id"])
-                         .returning(Event.id, Event.team_id, Event.source, Event.delivery_id))
             inserted = {(team, source, delivery): event_id
-                        for event_id, team, source, delivery in (await session.execute(statement)).all()}
+                        for event_id, team, source, delivery in (await session.execute(statement, rows)).all()}
             missing = {event.key for event in events if event.key not in inserted}
             existing: dict[Key, int] = {}
             if missing:
-                rows = await session.execute(select(Event.id, Event.team_id, Event.source, Event.delivery_id)
+                found = await session.execute(select(Event.id, Event.team_id, Event.source, Event.delivery_id)
                                              .where(tuple_(Event.team_id, Event.source, Event.delivery_id)
                                                     .in_(list(missing))))
-                existing = {(team, source, delivery): event_id for event_id, team, source, delivery in rows.all()}
+                existing = {(team, source, delivery): event_id for event_id, team, source, delivery in found.all()}
             return inserted, existing
 
-        inserted, existing = await self.db.transaction(store)
+        inserted, existing = await self.db.transaction(store, urgent=True)
         results: list[Stored] = []
         claimed: set[tuple[str, str, str]] = set()
         for event in events:
