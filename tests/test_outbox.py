@@ -141,6 +141,7 @@ async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url,
     from bot.store.models import OutboxMessage
 
     monkeypatch.setattr(outbox, "SCAN_ROWS", 4)
+    monkeypatch.setattr(outbox, "SCAN_PAGE", 2)
     db = Database(database_url)
     await migrate.upgrade(db)
     now = datetime.now(UTC)
@@ -163,7 +164,7 @@ async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url,
                 "free-1", "free-2"]
             assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=1, exclude={"free-1"}) == [
                 "free-2"]
-        monkeypatch.setattr(outbox, "SCAN_ROWS", 100)
+        monkeypatch.setattr(outbox, "SCAN_ROWS", 100)  # found by reading the oldest messages
         async with db.read() as session:
             assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set()) == [
                 "free-1", "free-2"]

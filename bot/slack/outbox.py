@@ -20,11 +20,11 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,6 +51,7 @@ HISTORY_PAGE = 999  # the most Slack returns per page
 HISTORY_PAGES = 5
 LANES_PER_ROUND = 64
 SCAN_ROWS = 2048  # pending messages read to find lanes to claim, before falling back to every lane's head
+SCAN_PAGE = 256
 
 
 # The PostgreSQL advisory lock key that serializes lane claims (any constant unique to relaybot).
@@ -209,24 +210,28 @@ class Outbox(WorkLoop):
         Read from the oldest pending messages (the first one seen of a lane is its head), which costs the same
         however long the queue is; only when those are all held up is every lane's head looked up.
         """
-        def usable(lane: str, not_before: datetime, lease_until: datetime | None) -> bool:
-            return lane not in exclude and not_before <= now and (lease_until is None or lease_until < now)
-
-        oldest = (await session.execute(
-            select(OutboxMessage.lane, OutboxMessage.not_before, OutboxMessage.lease_until)
-            .where(OutboxMessage.state == "pending").order_by(OutboxMessage.id).limit(SCAN_ROWS))).all()
+        usable = and_(OutboxMessage.not_before <= now,
+                      or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
         seen: set[str] = set()
         lanes: list[str] = []
-        for lane, not_before, lease_until in oldest:
-            if lane in seen:
-                continue
-            seen.add(lane)
-            if usable(lane, not_before, lease_until):
-                lanes.append(lane)
-                if len(lanes) == wanted:
-                    return lanes
-        if len(oldest) < SCAN_ROWS:
-            return lanes
+        after, scanned = 0, 0
+        while scanned < SCAN_ROWS:
+            page = (await session.execute(
+                select(OutboxMessage.id, OutboxMessage.lane, usable.label("usable"))
+                .where(OutboxMessage.state == "pending", OutboxMessage.id > after)
+                .order_by(OutboxMessage.id).limit(SCAN_PAGE))).all()
+            for message_id, lane, lane_usable in page:
+                after = message_id
+                if lane in seen:
+                    continue
+                seen.add(lane)
+                if lane_usable and lane not in exclude:
+                    lanes.append(lane)
+                    if len(lanes) == wanted:
+                        return lanes
+            scanned += len(page)
+            if len(page) < SCAN_PAGE:
+                return lanes
         heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
                  .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
         query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
@@ -481,13 +486,17 @@ class Outbox(WorkLoop):
                       card_ts: dict[str, str], sent: dict[int, str | None], timestamps: dict[int, str],
                       superseded: list[int]) -> None:
         """What the deliveries learned, in one transaction; then their lanes are free for anyone again."""
+        # Row-by-row values as one executemany each, compiled once (a CASE over the batch was compiled anew).
+        runs, outbox = cast(Table, Run.__table__), cast(Table, OutboxMessage.__table__)
         if card_ts:
-            await session.execute(update(Run).where(Run.id.in_(list(card_ts)), Run.card_ts.is_(None))
-                                  .values(card_ts=case(card_ts, value=Run.id)))
+            await session.execute(
+                update(runs).where(runs.c.id == bindparam("run"), runs.c.card_ts.is_(None))
+                .values(card_ts=bindparam("ts")), [{"run": run_id, "ts": ts} for run_id, ts in card_ts.items()])
         if sent:
-            await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(list(sent))).values(
-                state="sent", sent_at=now,
-                result_ts=case(timestamps, value=OutboxMessage.id) if timestamps else None))
+            await session.execute(
+                update(outbox).where(outbox.c.id == bindparam("message"))
+                .values(state="sent", sent_at=now, result_ts=bindparam("ts")),
+                [{"message": message_id, "ts": timestamps.get(message_id)} for message_id in sent])
         if superseded:
             await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
                                   .values(state="superseded", sent_at=now))

@@ -54,7 +54,8 @@ async def flush_later(session: AsyncSession) -> None:
     pending: dict[type[Any], list[dict[str, Any]]] = session.info.get(BULK_KEY) or {}
     for model, rows in pending.items():
         if rows:
-            await session.execute(insert(model), rows)
+            # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
+            await session.execute(insert(model.__table__), rows)
     pending.clear()
 
 
