@@ -60,6 +60,33 @@ async def test_slack_refusing_for_a_while_then_everything_arrives_once_and_in_or
     assert "relaybot_outbox_depth 0.0" in metrics
 
 
+async def test_a_minute_of_slack_outage_then_the_outbox_drains_once_and_in_order(make_bot, workflows, target,
+                                                                                 slack):
+    """Slack answers every post with 429 (Retry-After) or 500 for a whole minute; afterwards every card and
+    thread reply arrives, once each, in order."""
+    bot, fire = await setup(make_bot, workflows, target)
+    slack.fail_for("chat.postMessage", seconds=60, statuses=(429, 429, 429, 500))
+    started = time.monotonic()
+    for index in range(5):
+        await fire(index)
+    await asyncio.sleep(5)
+    assert bot.cards() == [], "nothing gets through while Slack refuses"
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 5, timeout=180)
+    assert time.monotonic() - started >= 59
+    for card in bot.cards():
+        await bot.wait_thread(card, "Run succeeded", timeout=120)
+    await bot.settle(timeout=120)
+    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
+    for card in bot.cards():
+        thread = bot.thread_texts(card)
+        assert len(thread) == len(expected), thread
+        assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
+    summaries = Counter(re.search(r"event \d", message.text).group(0) for message in bot.cards())
+    assert len(summaries) == 5 and set(summaries.values()) == {1}
+    refused = [call for call in slack.calls if call.method == "chat.postMessage" and call.status in (429, 500)]
+    assert {call.status for call in refused} == {429, 500}
+
+
 async def test_messages_are_paced_per_channel(make_bot, workflows, target, slack):
     bot, fire = await setup(make_bot, workflows, target, slack_channel_rate=4)
     for index in range(4):

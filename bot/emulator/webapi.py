@@ -105,6 +105,7 @@ class Failure:
     error: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     remaining: int = 1
+    until: float | None = None  # time.monotonic(): fail every call until then, however many
 
 
 def sign(signing_secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
@@ -170,6 +171,14 @@ class SlackEmulator:
         """Make the next `times` calls of `method` fail (status 429/5xx, or `ok: false` with `error`)."""
         self.failures[method].append(Failure(status=status, error=error, headers=headers or {}, remaining=times))
 
+    def fail_for(self, method: str, *, seconds: float, statuses: tuple[int, ...] = (429, 500),
+                 retry_after: str = "1") -> None:
+        """Make every call of `method` fail for `seconds` (an outage), cycling through `statuses`."""
+        until = time.monotonic() + seconds
+        for status in statuses:
+            headers = {"Retry-After": retry_after} if status == 429 else {}
+            self.failures[method].append(Failure(status=status, headers=headers, until=until))
+
     def answer_slowly(self, method: str, *, seconds: float, times: int = 1) -> None:
         """Carry out the next `times` calls of `method` at once but answer each only after `seconds`, as Slack
         does when the network is slow: the message is posted while its sender still waits."""
@@ -231,11 +240,16 @@ class SlackEmulator:
         team = self._team_for_token(token)
         status, headers, payload = 200, {}, None
         queue = self.failures.get(method)
+        while queue and queue[0].until is not None and queue[0].until <= time.monotonic():
+            queue.pop(0)  # an outage that is over
         if queue:
             failure = queue[0]
-            failure.remaining -= 1
-            if failure.remaining <= 0:
-                queue.pop(0)
+            if failure.until is None:
+                failure.remaining -= 1
+                if failure.remaining <= 0:
+                    queue.pop(0)
+            else:
+                queue.append(queue.pop(0))  # an outage: the next call fails with the next status
             status, headers = failure.status, failure.headers
             payload = {"ok": False, "error": failure.error or ("ratelimited" if status == 429 else "internal_error")}
         elif method == "oauth.v2.access":
