@@ -154,18 +154,23 @@ class Intake:
         possible, so webhooks keep being accepted quickly while runs are started.
         """
         now = datetime.now(UTC)
-        async with self.db.read() as session:
+
+        async def plan(session: AsyncSession) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
             events = list((await session.execute(select(Event).where(Event.processed_at.is_(None))
                                                  .order_by(Event.id).limit(self.batch_size))).scalars())
             if not events:
-                return 0
+                return [], []
             subscriptions: dict[str, list[Subscription]] = {}
             for subscription in (await session.execute(select(Subscription).where(
                     Subscription.team_id.in_({event.team_id for event in events})).order_by(Subscription.id))
                                  ).scalars():
                 subscriptions.setdefault(subscription.team_id, []).append(subscription)
-            planned = [(event, self._plan_run(event, match, now)) for event in events
-                       for match in await _matches(session, self.catalog, event, subscriptions)]
+            return events, [(event, self._plan_run(event, match, now)) for event in events
+                            for match in await _matches(session, self.catalog, event, subscriptions)]
+
+        events, planned = await self.db.reading(plan)
+        if not events:
+            return 0
 
         async def start_runs(session: AsyncSession) -> None:
             # Claimed here, conditionally: another process may have taken some of them meanwhile.

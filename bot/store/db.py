@@ -137,13 +137,14 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
     return engine
 
 
-def _sqlite_thread_writer(url: str, *, echo: bool) -> Engine:
-    """The synchronous twin of the async writer, for `Database.transaction` (used from one thread only)."""
+def _sqlite_thread_engine(url: str, *, writer: bool, echo: bool) -> Engine:
+    """The synchronous twin of the async writer or reader, for `Database.transaction` and `Database.reading`
+    (each used from its one thread)."""
     sync_url = make_url(url).set(drivername="sqlite")
     engine = create_engine(sync_url, echo=echo, poolclass=QueuePool, pool_size=1, max_overflow=0,
                            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
                            pool_reset_on_return=None)
-    _configure_sqlite(engine, writer=True)
+    _configure_sqlite(engine, writer=writer)
     return engine
 
 
@@ -210,9 +211,12 @@ class Database:
         if self.dialect == "sqlite":
             self._writer = _sqlite_engine(url, writer=True, echo=echo)
             self._reader = _sqlite_engine(url, writer=False, echo=echo)
-            self._thread_writer = _sqlite_thread_writer(url, echo=echo)
+            self._thread_writer = _sqlite_thread_engine(url, writer=True, echo=echo)
             self._thread_sessions = sessionmaker(self._thread_writer, expire_on_commit=False)
             self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-writer")
+            self._thread_reader = _sqlite_thread_engine(url, writer=False, echo=echo)
+            self._thread_read_sessions = sessionmaker(self._thread_reader, expire_on_commit=False)
+            self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-reader")
         else:
             self._writer = create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
                                                pool_pre_ping=True)
@@ -268,6 +272,22 @@ class Database:
         running.add_done_callback(lambda _: self._write_lock.release())
         return await asyncio.shield(running)
 
+    async def reading(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`body(session)` as reads only, for the busy paths: on SQLite in one hand-off to a reader thread (the
+        same rules as `transaction`), on PostgreSQL an ordinary `read()` block."""
+        if not self.is_sqlite:
+            async with self.read() as session:
+                return await body(session)
+        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, self._run_on_reader_thread,
+                                                                body)
+
+    def _run_on_reader_thread(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        # No transaction to end: readers run each SELECT on its own (see `_configure_sqlite`), and closing the
+        # session leaves what was loaded readable.
+        with self._thread_read_sessions() as session:
+            adapter = cast(AsyncSession, SyncSessionAsAsync(session))
+            return _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
+
     def _run_on_writer_thread(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
         with self._thread_sessions() as session, session.begin():
             session.info[BULK_KEY] = {}
@@ -295,6 +315,8 @@ class Database:
         if self._thread_writer is not None:
             self._writer_thread.submit(self._thread_writer.dispose).result()
             self._writer_thread.shutdown(wait=True)
+            self._reader_thread.submit(self._thread_reader.dispose).result()
+            self._reader_thread.shutdown(wait=True)
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
