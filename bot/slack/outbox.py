@@ -457,10 +457,12 @@ class Outbox(WorkLoop):
         """Show the run's state now; no call when the card already shows exactly that."""
         fresh, steps = run, delivery.steps
         if run.state not in FINAL_RUN_STATES:  # a finished run's card no longer changes: no need to look again
-            async with self.db.read() as session:
-                fresh = await session.get(Run, run.id) or run
-                steps = list((await session.execute(select(Step).where(Step.run_id == run.id)
-                                                    .order_by(Step.position))).scalars())
+            async def now_shown(session: AsyncSession) -> tuple[Run, list[Step]]:
+                found = await session.get(Run, run.id) or run
+                return found, list((await session.execute(select(Step).where(Step.run_id == run.id)
+                                                          .order_by(Step.position))).scalars())
+
+            fresh, steps = await self.db.reading(now_shown)
         assert delivery.card_ts is not None
         text, blocks = run_card(fresh, steps)
         rendered = as_dicts(blocks)
