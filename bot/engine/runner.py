@@ -9,6 +9,7 @@ still in the attempt it started, so a step is committed at most once even if ano
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -153,24 +154,31 @@ class Runner:
 
     async def advance(self, run_id: str) -> None:
         while True:
-            async with self.db.write() as session:
-                loaded = await self._load(session, run_id)
-                if loaded is None:
-                    return
-                run, event, steps = loaded
-                workflow = await self._workflow(session, run)
-                plan = await self._next(session, workflow, run, event, steps)
-                if plan is None:
-                    run.lease_owner = None
-                    run.lease_until = None
-                    return
-                context = expression_context(run=run, event=event, steps=steps)
-                compiled = workflow.step(plan.step_id)
-                run_info = (run.id, run.team_id, run.channel_id, run.card_ts)
+            step = await self.db.transaction(functools.partial(self._plan_next, run_id))
+            if step is None:
+                return
+            compiled, context, plan, run_info = step
             outcome = await self._execute(compiled, context, plan, run_info)
-            committed = await self._commit(run_id, plan, outcome)
+            committed = await self.db.transaction(functools.partial(self._commit, run_id, plan, outcome))
             if not committed:
                 return
+
+    async def _plan_next(self, run_id: str, session: AsyncSession
+                         ) -> tuple[CompiledStep, dict[str, Any], Execute, tuple[str, str, str, str | None]] | None:
+        """In one transaction: move the run as far as it goes without executing anything; the step to execute
+        next (its attempt recorded as started), or None when the run waits, ended or is not ours."""
+        loaded = await self._load(session, run_id)
+        if loaded is None:
+            return None
+        run, event, steps = loaded
+        workflow = await self._workflow(session, run)
+        plan = await self._next(session, workflow, run, event, steps)
+        if plan is None:
+            run.lease_owner = None
+            run.lease_until = None
+            return None
+        context = expression_context(run=run, event=event, steps=steps)
+        return workflow.step(plan.step_id), context, plan, (run.id, run.team_id, run.channel_id, run.card_ts)
 
     async def _next(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
                     steps: list[Step]) -> Execute | None:
@@ -466,64 +474,63 @@ class Runner:
                                                         Run.lease_until > now)
                                       .values(lease_until=now + self.lease))
 
-    async def _commit(self, run_id: str, plan: Execute, outcome: Outcome) -> bool:
+    async def _commit(self, run_id: str, plan: Execute, outcome: Outcome, session: AsyncSession) -> bool:
         """Write the step's result if this worker still owns it; False when it no longer does."""
         now = datetime.now(UTC)
-        async with self.db.write() as session:
-            loaded = await self._load(session, run_id)
-            if loaded is None:
-                log.warning("run %s: lease lost while step %s ran; its result is dropped", run_id, plan.step_id)
-                return False
-            run, event, steps = loaded
-            step = next(step for step in steps if step.step_id == plan.step_id)
-            if step.state != states.STEP_RUNNING or step.attempt != plan.attempt:
-                log.warning("run %s: step %s moved on while attempt %s ran; its result is dropped", run_id,
-                            plan.step_id, plan.attempt)
-                return False
-            workflow = await self._workflow(session, run)
-            compiled = workflow.step(plan.step_id)
-            retry = compiled.model.retry
-            # A run cancelled while this step ran: record what the step did, retry nothing, keep "cancelled".
-            ended = run.state in states.FINAL_RUN_STATES
-            step.duration_ms = int(outcome.seconds * 1000)
-            if outcome.ok:
-                step.state = states.STEP_SUCCEEDED
-                step.outputs = outcome.outputs
-                step.error = None
-                step.finished_at = now
-                self._refresh_card(workflow, run, event, steps)
-                await journal.transition(
-                    session, run, actor=SYSTEM, action="step.finished", step=step.step_id,
-                    outcome=states.STEP_SUCCEEDED, now=now, details={"attempt": plan.attempt,
-                                                                     "ms": step.duration_ms},
-                    thread=messages.thread_step_finished(title=step.title, outcome="succeeded",
-                                                         seconds=outcome.seconds,
-                                                         result=messages.short_result(outcome.outputs)))
-            elif outcome.retryable and plan.attempt < retry.attempts and not ended:
-                delay = min(retry.backoff * (2 ** (plan.attempt - 1)), retry.max_backoff)
-                step.state = states.PENDING
-                step.error = outcome.error
-                step.next_attempt_at = now + delay
-                run.wake_at = step.next_attempt_at
-                self._refresh_card(workflow, run, event, steps)
-                await journal.transition(
-                    session, run, actor=SYSTEM, action="step.retried", step=step.step_id,
-                    outcome="retrying", reason=outcome.error, now=now,
-                    details={"attempt": plan.attempt, "next_attempt_in_s": delay.total_seconds()},
-                    thread=messages.thread_step_retry(title=step.title, attempt=plan.attempt,
-                                                      attempts=retry.attempts, error=outcome.error or "",
-                                                      delay=delay))
-            else:
-                final = states.TIMED_OUT if outcome.timed_out else states.STEP_FAILED
-                step.state = final
-                step.error = outcome.error
-                step.finished_at = now
-                if not ended:
-                    run.outcome = states.FAILED
-                self._refresh_card(workflow, run, event, steps)
-                await journal.transition(
-                    session, run, actor=SYSTEM, action="step.finished", step=step.step_id, outcome=final,
-                    reason=outcome.error, now=now, details={"attempt": plan.attempt, "ms": step.duration_ms},
-                    thread=messages.thread_step_finished(title=step.title, outcome=final, seconds=outcome.seconds,
-                                                         result=messages.escape(outcome.error or "")))
+        loaded = await self._load(session, run_id)
+        if loaded is None:
+            log.warning("run %s: lease lost while step %s ran; its result is dropped", run_id, plan.step_id)
+            return False
+        run, event, steps = loaded
+        step = next(step for step in steps if step.step_id == plan.step_id)
+        if step.state != states.STEP_RUNNING or step.attempt != plan.attempt:
+            log.warning("run %s: step %s moved on while attempt %s ran; its result is dropped", run_id,
+                        plan.step_id, plan.attempt)
+            return False
+        workflow = await self._workflow(session, run)
+        compiled = workflow.step(plan.step_id)
+        retry = compiled.model.retry
+        # A run cancelled while this step ran: record what the step did, retry nothing, keep "cancelled".
+        ended = run.state in states.FINAL_RUN_STATES
+        step.duration_ms = int(outcome.seconds * 1000)
+        if outcome.ok:
+            step.state = states.STEP_SUCCEEDED
+            step.outputs = outcome.outputs
+            step.error = None
+            step.finished_at = now
+            self._refresh_card(workflow, run, event, steps)
+            await journal.transition(
+                session, run, actor=SYSTEM, action="step.finished", step=step.step_id,
+                outcome=states.STEP_SUCCEEDED, now=now, details={"attempt": plan.attempt,
+                                                                 "ms": step.duration_ms},
+                thread=messages.thread_step_finished(title=step.title, outcome="succeeded",
+                                                     seconds=outcome.seconds,
+                                                     result=messages.short_result(outcome.outputs)))
+        elif outcome.retryable and plan.attempt < retry.attempts and not ended:
+            delay = min(retry.backoff * (2 ** (plan.attempt - 1)), retry.max_backoff)
+            step.state = states.PENDING
+            step.error = outcome.error
+            step.next_attempt_at = now + delay
+            run.wake_at = step.next_attempt_at
+            self._refresh_card(workflow, run, event, steps)
+            await journal.transition(
+                session, run, actor=SYSTEM, action="step.retried", step=step.step_id,
+                outcome="retrying", reason=outcome.error, now=now,
+                details={"attempt": plan.attempt, "next_attempt_in_s": delay.total_seconds()},
+                thread=messages.thread_step_retry(title=step.title, attempt=plan.attempt,
+                                                  attempts=retry.attempts, error=outcome.error or "",
+                                                  delay=delay))
+        else:
+            final = states.TIMED_OUT if outcome.timed_out else states.STEP_FAILED
+            step.state = final
+            step.error = outcome.error
+            step.finished_at = now
+            if not ended:
+                run.outcome = states.FAILED
+            self._refresh_card(workflow, run, event, steps)
+            await journal.transition(
+                session, run, actor=SYSTEM, action="step.finished", step=step.step_id, outcome=final,
+                reason=outcome.error, now=now, details={"attempt": plan.attempt, "ms": step.duration_ms},
+                thread=messages.thread_step_finished(title=step.title, outcome=final, seconds=outcome.seconds,
+                                                     result=messages.escape(outcome.error or "")))
         return True
