@@ -313,10 +313,12 @@ class Database:
 
     async def dispose(self) -> None:
         if self._thread_writer is not None:
-            self._writer_thread.submit(self._thread_writer.dispose).result()
-            self._writer_thread.shutdown(wait=True)
-            self._reader_thread.submit(self._thread_reader.dispose).result()
-            self._reader_thread.shutdown(wait=True)
+            loop = asyncio.get_running_loop()
+            # Each engine closed on its own thread, after whatever that thread still has queued.
+            await loop.run_in_executor(self._writer_thread, self._thread_writer.dispose)
+            await loop.run_in_executor(self._reader_thread, self._thread_reader.dispose)
+            self._writer_thread.shutdown(wait=False)
+            self._reader_thread.shutdown(wait=False)
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
