@@ -519,8 +519,11 @@ class Outbox(WorkLoop):
                 await session.execute(update(OutboxMessage).where(
                     OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
                     OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
+        # Only pending messages hold leases; saying so lets the pending index find them (without it, this
+        # statement read every message ever sent).
         await session.execute(update(OutboxMessage)
-                              .where(OutboxMessage.lane.in_([d.lane for d in deliveries]),
+                              .where(OutboxMessage.state == "pending",
+                                     OutboxMessage.lane.in_([d.lane for d in deliveries]),
                                      OutboxMessage.lease_owner == self.owner)
                               .values(lease_owner=None, lease_until=None))
 
