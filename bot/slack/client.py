@@ -84,7 +84,7 @@ class SlackApi:
         headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
         if method.startswith(JSON_METHODS):
             headers["Content-Type"] = "application/json;charset=utf-8"
-            body: Any = json.dumps({k: v for k, v in kwargs.items() if v is not None})
+            body: Any = json.dumps({k: v for k, v in kwargs.items() if v is not None}).encode()
         else:
             body = {k: _form_value(v) for k, v in kwargs.items() if v is not None}
         async with self.session().post(url, data=body, headers=headers) as response:
