@@ -1,14 +1,15 @@
 """Engines and sessions.
 
-SQLite: WAL, `synchronous=NORMAL`, a busy timeout, and every write transaction opened with `BEGIN IMMEDIATE`
-on a single pooled writer connection. A deferred transaction that reads and then writes ignores the busy
-timeout and fails with "database is locked" under concurrent writers; taking the write lock up front, and
-queueing this process's writers on one connection, means that cannot happen. Reads use their own pool.
+SQLite: WAL, `synchronous=NORMAL`, a busy timeout, and every write transaction opened with `BEGIN IMMEDIATE`.
+A deferred transaction that reads and then writes ignores the busy timeout and fails with "database is locked"
+under concurrent writers; taking the write lock up front, and queueing this process's writers behind one
+`WriteLock`, means that cannot happen. Reads use their own connections.
 
-SQLite, the busy paths (`Database.transaction`): the whole transaction runs in one hand-off to a writer thread
-with the synchronous driver. Through aiosqlite every statement is a trip to its thread and back through the
-event loop, and a loaded loop made each trip wait for milliseconds while the transaction held the one write lock:
-the database stood idle, locked, most of the time. Both kinds of writer take the same lock in this process.
+SQLite, the busy paths (`Database.transaction`, `Database.reading`): the whole transaction runs in one hand-off
+to a writer (or reader) thread with the synchronous driver. Through aiosqlite every statement is a trip to its
+thread and back through the event loop, and a loaded loop made each trip wait for milliseconds while the
+transaction held the one write lock: the database stood idle, locked, most of the time. The other writes
+(`Database.write`, through aiosqlite) take the same `WriteLock`.
 
 PostgreSQL: one pool; callers that claim work use `FOR UPDATE SKIP LOCKED` (see `Database.skip_locked`).
 """
