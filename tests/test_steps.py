@@ -15,6 +15,19 @@ pytestmark = BOTH_DATABASES
 HOOK = "on: {webhook: {}}\n"
 
 
+def approval_gate(target) -> str:
+    """A workflow of one step that waits for approval, then calls the fake target's `/deploy`."""
+    return f"""
+        name: gate
+        {HOOK}
+        steps:
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: POST}}
+        """
+
+
 async def start(make_bot, workflows, name: str, text: str, **env):
     write_workflow(workflows, name, text)
     bot = await make_bot(**env)
@@ -229,15 +242,7 @@ async def test_expression_error_in_inputs_fails_the_step_with_a_clear_message(ma
 
 
 async def test_many_people_clicking_at_once_decide_once(make_bot, workflows, target, slack):
-    bot, fire = await start(make_bot, workflows, "gate", f"""
-        name: gate
-        {HOOK}
-        steps:
-          - id: deploy
-            approval: required
-            uses: http.request
-            with: {{url: "{target.url}/deploy", method: POST}}
-        """)
+    bot, fire = await start(make_bot, workflows, "gate", approval_gate(target))
     await fire({})
     card = copy.deepcopy(await bot.wait_card(lambda m: "approve" in buttons(m)))
     users = []
@@ -260,15 +265,7 @@ async def test_many_people_clicking_at_once_decide_once(make_bot, workflows, tar
 
 
 async def test_retried_slack_request_does_nothing_twice(make_bot, workflows, target, slack):
-    bot, fire = await start(make_bot, workflows, "gate", f"""
-        name: gate
-        {HOOK}
-        steps:
-          - id: deploy
-            approval: required
-            uses: http.request
-            with: {{url: "{target.url}/deploy", method: POST}}
-        """)
+    bot, fire = await start(make_bot, workflows, "gate", approval_gate(target))
     await fire({})
     card = await bot.wait_card(lambda m: "approve" in buttons(m))
     payload_card = copy.deepcopy(card)
