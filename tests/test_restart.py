@@ -37,6 +37,20 @@ async def fire(url: str, secret: str, payload: dict, delivery: str) -> int:
                                                                "X-Request-Id": delivery})
 
 
+async def kill_once_called(slack, workflows, target, tmp_path, database_url, *, workflow: str, path: str,
+                           delivery: str) -> None:
+    """A `relaybot serve` that enables `workflow`, gets one webhook, and is killed (SIGKILL) as soon as the
+    run's step has called `path`: the step is in flight, its outcome never recorded."""
+    process = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                                 log=tmp_path / "serve.log").start()
+    try:
+        url, secret = connection_from(await command(slack, f"enable {workflow}"), "webhook")
+        assert await fire(url, secret, {}, delivery) == 202
+        await slack.wait_for(lambda: target.requests_to(path), timeout=15)
+    finally:
+        process.kill()
+
+
 async def test_waiting_run_survives_kill_9_and_is_approved_on_the_next_process(
         slack, workflows, target, tmp_path, database_url):
     write_workflow(workflows, "gate", f"""
@@ -97,14 +111,8 @@ async def test_step_in_flight_when_killed_is_taken_over_after_its_lease(
             timeout: 60s
             with: {{url: "{target.url}/slow", method: PUT}}
         """)
-    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
-                               log=tmp_path / "serve.log").start()
-    try:
-        url, secret = connection_from(await command(slack, "enable slow"), "webhook")
-        assert await fire(url, secret, {}, "d-2") == 202
-        await slack.wait_for(lambda: target.requests_to("/slow"), timeout=15)
-    finally:
-        first.kill()
+    await kill_once_called(slack, workflows, target, tmp_path, database_url, workflow="slow", path="/slow",
+                           delivery="d-2")
 
     second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
                                 log=tmp_path / "serve.log").start()
@@ -140,14 +148,8 @@ async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeatin
             timeout: 60s
             with: {{url: "{target.url}/create", method: POST}}
         """)
-    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
-                               log=tmp_path / "serve.log").start()
-    try:
-        url, secret = connection_from(await command(slack, "enable create"), "webhook")
-        assert await fire(url, secret, {}, "d-3") == 202
-        await slack.wait_for(lambda: target.requests_to("/create"), timeout=15)
-    finally:
-        first.kill()
+    await kill_once_called(slack, workflows, target, tmp_path, database_url, workflow="create", path="/create",
+                           delivery="d-3")
 
     second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
                                 log=tmp_path / "serve.log").start()
