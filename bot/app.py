@@ -88,7 +88,7 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
                     poll_interval=settings.worker_poll_interval,
                     lease=timedelta(seconds=settings.outbox_lease_seconds),
                     on_undeliverable=lambda message, reason: tell_subscriber(db, slack, message, reason))
-    intake = Intake(db=db, catalog=catalog, metrics=metrics)
+    intake = Intake(db=db, catalog=catalog, metrics=metrics, outbox=outbox)
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
                     log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls())

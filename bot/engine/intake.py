@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -131,6 +131,18 @@ async def _matches(session: AsyncSession, catalog: Catalog, event: Event,
     return found
 
 
+class LanesLeasedAhead(Protocol):
+    """The outbox, as the intake sees it: lanes of new runs leased in the transaction that starts them, then
+    delivered at once after it commits (see `Outbox.lease_new_runs`)."""
+
+    def room(self) -> int: ...
+
+    async def lease_new_runs(self, session: AsyncSession, runs: list[tuple[Run, list[Step]]], *,
+                             now: datetime) -> list[Any]: ...
+
+    def deliver_leased(self, deliveries: list[Any]) -> None: ...
+
+
 @dataclass
 class _Planned:
     run: Run
@@ -139,8 +151,10 @@ class _Planned:
 
 
 class Intake:
-    def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 100) -> None:
+    def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 100,
+                 outbox: LanesLeasedAhead | None = None) -> None:
         self.db = db
+        self.outbox = outbox
         self.catalog = catalog
         self.metrics = metrics
         self.batch_size = batch_size
@@ -172,16 +186,25 @@ class Intake:
         if not events:
             return 0
 
+        leased: list[Any] = []
+        room = self.outbox.room() if self.outbox is not None else 0
+
         async def start_runs(session: AsyncSession) -> None:
             # Claimed here, conditionally: another process may have taken some of them meanwhile.
             claimed = set((await session.execute(
                 update(Event).where(Event.id.in_([event.id for event in events]), Event.processed_at.is_(None))
                 .values(processed_at=now).returning(Event.id))).scalars())
+            started: list[tuple[Run, list[Step]]] = []
             for event, plan in planned:
                 if event.id in claimed:
                     await self._record(session, event, plan, now)
+                    started.append((plan.run, plan.steps))
+            if self.outbox is not None and room and started:
+                leased.extend(await self.outbox.lease_new_runs(session, started[:room], now=now))
 
         await self.db.transaction(start_runs)
+        if self.outbox is not None and leased:
+            self.outbox.deliver_leased(leased)
         return len(events)
 
     async def start_now(self, new_event: NewEvent) -> str:

@@ -45,6 +45,10 @@ class WorkLoop:
     def wake(self) -> None:
         self.wakeup.set()
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping
+
     async def tick(self) -> Any:
         raise NotImplementedError
 

@@ -35,7 +35,7 @@ from bot.metrics import Metrics
 from bot.slack.blocks import as_dicts, run_card
 from bot.slack.client import NoToken, SlackApi
 from bot.store.batching import GroupCommit
-from bot.store.db import Database
+from bot.store.db import Database, flush_later
 from bot.store.models import OutboxMessage, Run, Step
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,41 @@ class Outbox(WorkLoop):
                     card_ts=run.card_ts if run else None)
             delivery.rows.append(row)
         return deliveries
+
+    def room(self) -> int:
+        """How many more lanes this process would deliver at once now (0 when its outbox is not running)."""
+        return max(self.concurrency - len(self._active), 0) if self.running else 0
+
+    async def lease_new_runs(self, session: AsyncSession, runs: list[tuple[Run, list[Step]]], *, now: datetime
+                             ) -> list[_Delivery]:
+        """Inside the transaction that starts these runs: lease their lanes to this process at once, so that
+        their cards go out as soon as it commits (`deliver_leased`), without a claiming round trip. The caller
+        passes no more runs than `room()` allowed.
+
+        Nobody else can see a lane before that commit, so taking it here is as safe as a claim; if this
+        process dies first, the lease runs out and any process delivers the lane as usual.
+        """
+        if not runs:
+            return []
+        await flush_later(session)  # the runs' messages are written now, not at the end of the transaction
+        outbox = cast(Table, OutboxMessage.__table__)
+        leased = (await session.execute(
+            update(outbox).where(outbox.c.lane.in_([run.id for run, _ in runs]), outbox.c.state == "pending",
+                                 outbox.c.lease_owner.is_(None))
+            .values(lease_owner=self.owner, lease_until=now + self.lease).returning(*outbox.c))).all()
+        by_lane: dict[str, list[Any]] = {}
+        for row in sorted(leased, key=lambda row: row.id):
+            by_lane.setdefault(row.lane, []).append(row)
+        return [_Delivery(lane=run.id, rows=by_lane[run.id], run=run, steps=steps, card_ts=None)
+                for run, steps in runs if run.id in by_lane]
+
+    def deliver_leased(self, deliveries: list[_Delivery]) -> None:
+        """Start delivering the lanes `lease_new_runs` leased, once their transaction has committed."""
+        holds_until = time.monotonic() + self._holding_time()
+        for delivery in deliveries:
+            delivery.holds_until = holds_until
+            self._active[delivery.lane] = asyncio.create_task(self._deliver_lane(delivery.lane, delivery),
+                                                              name=f"outbox-{delivery.lane}")
 
     def _holding_time(self) -> float:
         """How long after (re)taking a lease this process still posts: the lease less half of it, so that a
