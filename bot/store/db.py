@@ -11,14 +11,25 @@ thread and back through the event loop, and a loaded loop made each trip wait fo
 transaction held the one write lock: the database stood idle, locked, most of the time. The other writes
 (`Database.write`, through aiosqlite) take the same `WriteLock`.
 
+SQLite, several processes on one file (`relaybot serve --workers N`): between processes the `WriteLock` is
+replaced by an exclusive `flock` on `<database>.writelock`, taken after the `WriteLock` and before `BEGIN
+IMMEDIATE`, released after COMMIT or ROLLBACK (`FileWriteLock`). A process that waits for SQLite's own lock
+waits in its busy handler, which sleeps 1, 2, 5, 10 … ms between tries instead of waking when the lock is
+free: with two busy processes the waiter slept through most of the time the lock stood free. The kernel wakes
+a flock waiter at once, and a killed process's flock goes away with it. The busy timeout stays as the last
+resort for writers that do not take the flock (the `sqlite3` shell, migrations).
+
 PostgreSQL: one pool; callers that claim work use `FOR UPDATE SKIP LOCKED` (see `Database.skip_locked`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import heapq
 import itertools
+import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -200,6 +211,49 @@ class WriteLock:
         self._held = False
 
 
+class FileWriteLock:
+    """An exclusive `flock` on a file beside the database: one writer at a time across processes.
+
+    Each holder also holds its process's `WriteLock`, so one descriptor per `Database` suffices, and the lock may
+    be taken on one thread and released on another (a flock belongs to the open file description). Two
+    `Database`s on one file, even in one process, have two descriptors and exclude each other.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._descriptor: int | None = None
+        self._opening = threading.Lock()
+
+    def _opened(self) -> int:
+        with self._opening:  # the first acquire may come from the writer thread or the lock thread
+            if self._descriptor is None:
+                self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            return self._descriptor
+
+    def acquire(self) -> None:
+        """Blocks until the lock is free: call it on a thread, never on the event loop."""
+        fcntl.flock(self._opened(), fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        """Never blocks."""
+        if self._descriptor is not None:  # None once closed: closing released it
+            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._opening:
+            if self._descriptor is not None:
+                os.close(self._descriptor)
+                self._descriptor = None
+
+
+def _lock_file_path(url: str) -> str | None:
+    """`<database file>.writelock`, or None for an in-memory database (one connection: nobody to exclude)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        return None
+    return database + ".writelock"
+
+
 class Database:
     """The project's one handle on the database; built by the app factory and passed down."""
 
@@ -209,7 +263,12 @@ class Database:
         self.dialect = parsed.get_backend_name()
         self._thread_writer: Engine | None = None
         self._write_lock = WriteLock()
+        self._file_lock: FileWriteLock | None = None
         if self.dialect == "sqlite":
+            lock_path = _lock_file_path(url)
+            self._file_lock = FileWriteLock(lock_path) if lock_path else None
+            # `write()` waits for the flock here; `transaction()` waits on the writer thread itself.
+            self._lock_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-flock")
             self._writer = _sqlite_engine(url, writer=True, echo=echo)
             self._reader = _sqlite_engine(url, writer=False, echo=echo)
             self._thread_writer = _sqlite_thread_engine(url, writer=True, echo=echo)
@@ -243,6 +302,7 @@ class Database:
         """One write transaction: committed when the block ends, rolled back if it raises."""
         if self.is_sqlite:
             await self._write_lock.acquire()
+            await self._lock_file_from_loop()
         try:
             async with self._write_sessions() as session, session.begin():
                 session.info[BULK_KEY] = {}
@@ -250,7 +310,36 @@ class Database:
                 await flush_later(session)
         finally:
             if self.is_sqlite:
+                if self._file_lock is not None:
+                    self._file_lock.release()
                 self._write_lock.release()
+
+    async def _lock_file_from_loop(self) -> None:
+        """Take the flock (the `WriteLock` is already held) on the lock thread. If the caller is cancelled while
+        it waits, the thread still gets the flock eventually: then both locks are released, in that order. The
+        `WriteLock` stays held until then, so no other writer of this process can take the flock on the same
+        descriptor meanwhile (where the late release would take it from under them)."""
+        file_lock = self._file_lock
+        if file_lock is None:
+            return
+        try:
+            locking = asyncio.get_running_loop().run_in_executor(self._lock_thread, file_lock.acquire)
+        except BaseException:
+            self._write_lock.release()
+            raise
+        try:
+            await asyncio.shield(locking)
+        except asyncio.CancelledError:
+            def release_both(done: asyncio.Future[None]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    file_lock.release()
+                self._write_lock.release()
+
+            locking.add_done_callback(release_both)
+            raise
+        except BaseException:
+            self._write_lock.release()
+            raise
 
     async def transaction(self, body: Callable[[AsyncSession], Awaitable[T]], *, urgent: bool = False) -> T:
         """`body(session)` as one write transaction, for the busy paths.
@@ -290,12 +379,19 @@ class Database:
             return _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
 
     def _run_on_writer_thread(self, body: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        with self._thread_sessions() as session, session.begin():
-            session.info[BULK_KEY] = {}
-            adapter = cast(AsyncSession, SyncSessionAsAsync(session))
-            result = _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
-            _run_to_completion(flush_later(adapter))
-            return result
+        # Waiting for the flock blocks only this thread, which has nothing else to do meanwhile.
+        if self._file_lock is not None:
+            self._file_lock.acquire()
+        try:
+            with self._thread_sessions() as session, session.begin():
+                session.info[BULK_KEY] = {}
+                adapter = cast(AsyncSession, SyncSessionAsAsync(session))
+                result = _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
+                _run_to_completion(flush_later(adapter))
+                return result
+        finally:
+            if self._file_lock is not None:
+                self._file_lock.release()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -320,6 +416,9 @@ class Database:
             await loop.run_in_executor(self._reader_thread, self._thread_reader.dispose)
             self._writer_thread.shutdown(wait=False)
             self._reader_thread.shutdown(wait=False)
+            self._lock_thread.shutdown(wait=False)
+        if self._file_lock is not None:
+            self._file_lock.close()
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
