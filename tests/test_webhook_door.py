@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from bot.store.models import Event
 from integrations.base import IncomingWebhook
 from integrations.webhook import Webhook, standard_webhooks_signature
-from tests.conftest import CORPORA, connection_from, github_headers, write_workflow
+from tests.conftest import CORPORA, block_texts, connection_from, github_headers, write_workflow
 
 CATCH_ALL = """
 name: catch
@@ -134,3 +134,19 @@ def test_whsec_secrets_use_their_decoded_key():
     secret = "whsec_" + base64.b64encode(key).decode()
     expected = base64.b64encode(hmac.new(key, b"i.1.{}", hashlib.sha256).digest()).decode()
     assert standard_webhooks_signature(secret=secret, msg_id="i", timestamp="1", body=b"{}") == "v1," + expected
+
+
+async def test_a_run_without_steps_posts_its_card_and_one_reply_saying_it_started_and_ended(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows)
+    status, _ = await bot.post(url, b'{"summary": "deploy done"}',
+                               {"Authorization": f"Bearer {secret}", "X-Request-Id": "one-reply"})
+    assert status == 202
+    card = await bot.wait_card()
+    await bot.settle()
+    assert bot.cards() == [card]
+    assert "succeeded" in block_texts(card)
+    [reply] = bot.thread_texts(card)
+    started, finished = reply.split("\n")
+    assert started.startswith(":arrow_forward: Run `R") and "delivery `one-reply`" in started
+    assert finished.startswith(":checkered_flag: Run succeeded: no steps;")
+    assert not bot.slack.calls_of("chat.update")  # the card showed the end when it was first posted

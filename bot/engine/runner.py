@@ -78,8 +78,10 @@ class LeaseLost(Exception):
     pass
 
 
-async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now: datetime, metrics: Metrics) -> None:
-    """Every step is done: the run takes its outcome, and says so in its thread."""
+async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now: datetime, metrics: Metrics,
+                     said_before: str | None = None, refresh_card: bool = True) -> None:
+    """Every step is done: the run takes its outcome, and says so in its thread. `said_before`: a line not
+    posted yet (the start of a run that ends where it starts), put in the same reply."""
     await wake_queued(session, run.concurrency_key)
     outcome = run.outcome or states.SUCCEEDED
     run.state = outcome
@@ -93,9 +95,10 @@ async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now:
         counts[step.state] = counts.get(step.state, 0) + 1
     seconds = (now - run.created_at).total_seconds()
     metrics.runs_finished.labels(outcome=outcome).inc()
+    said = messages.thread_run_finished(outcome=outcome, counts=counts, seconds=seconds)
     await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
-                             details={"steps": counts, "seconds": round(seconds, 3)},
-                             thread=messages.thread_run_finished(outcome=outcome, counts=counts, seconds=seconds))
+                             details={"steps": counts, "seconds": round(seconds, 3)}, refresh_card=refresh_card,
+                             thread=f"{said_before}\n{said}" if said_before else said)
 
 
 class Runner:
