@@ -101,12 +101,12 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     services.housekeeping = Housekeeping(db=db, owner=owner, audit_channel=settings.audit_channel,
                                          retention=timedelta(days=settings.retention_days), on_posted=outbox.wake)
     poller = Poller(db=db, keyring=keyring, http=http, inbox=services.inbox, log_masker=log_masker, owner=owner,
-                    on_stored=engine.wake)
+                    on_stored=engine.events_stored)
     # A poll holds its lease through a whole request (the HTTP timeout) with room to record the result.
     services.triggers = TriggerLoop(db=db, catalog=catalog, poller=poller, inbox=services.inbox, owner=owner,
                                     lease=timedelta(seconds=2 * settings.http_timeout + 30),
                                     interval=settings.worker_poll_interval, grace=settings.schedule_grace,
-                                    now=clock or (lambda: datetime.now(UTC)), on_stored=engine.wake)
+                                    now=clock or (lambda: datetime.now(UTC)), on_stored=engine.events_stored)
     return services
 
 
@@ -117,7 +117,7 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
     services.log_masker.install()
     bolt = build_bolt_app(services, socket_mode=socket_mode)
     door = WebhookDoor(db=services.db, keyring=services.keyring, inbox=services.inbox, metrics=services.metrics,
-                       max_body=settings.max_body, on_stored=services.engine.wake)
+                       max_body=settings.max_body, on_stored=services.engine.events_stored)
     door.cache = services.connections
     app = web.Application(client_max_size=settings.max_body + 1024 * 1024)
     app[SERVICES] = services

@@ -24,6 +24,7 @@ from bot.engine.concurrency import pool_key
 from bot.engine.context import trigger_data
 from bot.engine.loader import Catalog, CompiledWorkflow
 from bot.engine.runner import finish_run
+from bot.engine.states import FINAL_RUN_STATES
 from bot.errors import ExpressionError
 from bot.ids import new_run_id
 from bot.metrics import Metrics
@@ -144,6 +145,15 @@ class LanesLeasedAhead(Protocol):
 
 
 @dataclass
+class Batch:
+    """What one `process_batch` did."""
+
+    taken: int = 0  # events taken from the inbox
+    to_advance: int = 0  # runs started that have steps for the runner
+    undelivered: int = 0  # runs started whose messages wait for the outbox to claim them
+
+
+@dataclass
 class _Planned:
     run: Run
     steps: list[Step]
@@ -160,8 +170,8 @@ class Intake:
         self.batch_size = batch_size
         self._stored_versions: set[str] = set()
 
-    async def process_batch(self) -> int:
-        """Turn up to `batch_size` pending events into runs; returns how many events were taken.
+    async def process_batch(self) -> Batch:
+        """Turn up to `batch_size` pending events into runs.
 
         The work that costs (matching, CEL, rendering cards) is done before the write transaction, which then
         only claims the events and inserts the runs: the database's one writer is held for as short a time as
@@ -184,7 +194,8 @@ class Intake:
 
         events, planned = await self.db.reading(plan)
         if not events:
-            return 0
+            return Batch()
+        batch = Batch(taken=len(events))
 
         leased: list[Any] = []
         room = self.outbox.room() if self.outbox is not None else 0
@@ -199,13 +210,15 @@ class Intake:
                 if event.id in claimed:
                     await self._record(session, event, plan, now)
                     started.append((plan.run, plan.steps))
+                    batch.to_advance += plan.run.state not in FINAL_RUN_STATES
             if self.outbox is not None and room and started:
                 leased.extend(await self.outbox.lease_new_runs(session, started[:room], now=now))
 
         await self.db.transaction(start_runs)
         if self.outbox is not None and leased:
             self.outbox.deliver_leased(leased)
-        return len(events)
+        batch.undelivered = len(planned) - len(leased)
+        return batch
 
     async def start_now(self, new_event: NewEvent) -> str:
         """Store a `/relay run` event and start its run in the same transaction; returns the run id."""

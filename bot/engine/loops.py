@@ -19,8 +19,11 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.count = 0  # how many times news came: lets a task tell whether new work was committed meanwhile
 
-    def set(self) -> None:
+    def set(self, *, news: bool = True) -> None:
+        """`news`: new work was committed (counted); False: the loop only has room to look again."""
+        self.count += news
         self._event.set()
 
     async def wait(self, timeout: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
@@ -37,14 +38,33 @@ class Engine(WorkLoop):
         self.lease = lease
         self.concurrency = concurrency
         self.on_work_done = on_work_done
+        self._runs_may_be_due = True
+        self._last_due_check = 0.0
+
+    def wake(self) -> None:
+        """Something was committed that may make runs due (a click, a command, a finished step): look now."""
+        self._runs_may_be_due = True
+        self.wakeup.set()
+
+    def events_stored(self) -> None:
+        """New events are in the inbox: take them now. (Runs they start are looked for only if there are any.)"""
+        self.wakeup.set()
 
     async def tick(self) -> bool:
         """One round: take pending events, start due runs. True if there may be more to do at once."""
-        taken = await self.intake.process_batch()
-        if taken and self.on_work_done:
+        batch = await self.intake.process_batch()
+        if batch.undelivered and self.on_work_done:
             self.on_work_done.set()
-        started = await self._claim_and_start()
-        return taken >= self.intake.batch_size or (started > 0 and len(self._active) < self.concurrency)
+        started = 0
+        # Looking for due runs costs a write transaction; a webhook that starts a run without steps makes none
+        # due, so the look is skipped unless something may have (or an interval has passed: timers, and work
+        # committed by other processes).
+        now = time.monotonic()
+        if self._runs_may_be_due or batch.to_advance or now - self._last_due_check >= self.interval:
+            self._runs_may_be_due = False
+            self._last_due_check = now
+            started = await self._claim_and_start()
+        return batch.taken >= self.intake.batch_size or (started > 0 and len(self._active) < self.concurrency)
 
     async def _claim_and_start(self) -> int:
         free = self.concurrency - len(self._active)
@@ -83,7 +103,7 @@ class Engine(WorkLoop):
             self._active.pop(run_id, None)
             if self.on_work_done:
                 self.on_work_done.set()
-            self.wakeup.set()
+            self.wake()
 
     async def idle(self) -> bool:
         """Nothing pending, due or in flight (used by tests and `relaybot test`)."""

@@ -146,6 +146,7 @@ class Outbox(WorkLoop):
         self._buckets: dict[str, _Bucket] = {}
         self._suspect: set[int] = set()
         self._flushes: GroupCommit[_Delivery, None] = GroupCommit(self._flush, name="outbox")
+        self._look_again = True  # lanes may be waiting that no claim has taken yet
         metrics.on_scrape(self._refresh_depth)
 
     async def after_stop(self) -> None:
@@ -168,6 +169,7 @@ class Outbox(WorkLoop):
         """Claim lanes that have deliverable messages and start delivering them; returns lanes started."""
         free = self.concurrency - len(self._active)
         if free <= 0:
+            self._look_again = True
             return 0
         holds_until = time.monotonic() + self._holding_time()
         now = datetime.now(UTC)
@@ -192,6 +194,7 @@ class Outbox(WorkLoop):
             return lanes, suspect, await self._load_lanes(session, lanes)
 
         lanes, suspect, deliveries = await self.db.transaction(claim)
+        self._look_again = len(lanes) == min(free, LANES_PER_ROUND)
         if not lanes:
             return 0
         self._suspect |= suspect
@@ -336,6 +339,7 @@ class Outbox(WorkLoop):
 
     async def _deliver_lane(self, lane: str, delivery: _Delivery | None) -> None:
         delivery = delivery or _Delivery(lane=lane, rows=[], run=None, steps=[], card_ts=None)
+        nudged = self.wakeup.count
         renewer = asyncio.create_task(self._keep_lease(delivery))
         try:
             await self._drain(delivery)
@@ -358,7 +362,10 @@ class Outbox(WorkLoop):
                     await self.on_undeliverable(*delivery.failed)
                 except Exception:
                     log.exception("could not tell anyone that lane %s is undeliverable", lane)
-            self.wakeup.set()
+            # A free slot is worth a claim only if lanes may be waiting: the last claim was full or skipped, or
+            # new messages were committed meanwhile (perhaps in this very lane, which no claim could take then).
+            if self._look_again or self.wakeup.count != nudged:
+                self.wakeup.set(news=False)
 
     async def _drain(self, delivery: _Delivery) -> None:
         """Deliver the lane's messages in order until none are left or one must wait."""
