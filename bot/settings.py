@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias="RELAYBOT_LOG_LEVEL")
     host: str = Field(default="0.0.0.0", validation_alias="RELAYBOT_HOST")  # noqa: S104
     port: int = Field(default=3000, ge=0, le=65535, validation_alias="PORT")
+    # `relaybot serve` processes sharing the port (`--workers` overrides it); see bot/cli/workers.py.
+    workers: int = Field(default=1, ge=1, validation_alias="RELAYBOT_WORKERS")
 
     github_api_url: str = Field(default="https://api.github.com", validation_alias="RELAYBOT_GITHUB_API_URL")
     gitlab_api_url: str = Field(default="https://gitlab.com/api/v4", validation_alias="RELAYBOT_GITLAB_API_URL")

@@ -19,12 +19,13 @@ from tests.conftest import MASTER_KEY, TEAM, free_socket
 
 class ServeProcess:
     def __init__(self, *, slack: SlackEmulator, workflows: Path, database_url: str, log: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
         self.slack = slack
         self.workflows = workflows
         self.database_url = database_url
         self.log = log
         self.extra_env = env or {}
+        self.args = args or []  # after `relaybot serve`, e.g. ["--workers", "2"]
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -58,7 +59,8 @@ class ServeProcess:
         self.port = sock.getsockname()[1]
         sock.close()
         handle = self.log.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "bot", "serve"], env=self.environment(self.port),
+        self.process = subprocess.Popen([sys.executable, "-m", "bot", "serve", *self.args],
+                                        env=self.environment(self.port),
                                         stdout=handle, stderr=subprocess.STDOUT)
         handle.close()
         deadline = time.monotonic() + timeout
