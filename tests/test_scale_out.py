@@ -1,4 +1,5 @@
-"""Two `relaybot serve` processes on one PostgreSQL database, one of them killed with SIGKILL mid-way."""
+"""Two `relaybot serve` processes on one database (PostgreSQL, and one SQLite file), one of them killed with
+SIGKILL mid-way."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import func, select
 
 from bot.store.db import Database
 from bot.store.models import AuditRecord, Run
-from tests.conftest import ADMIN, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ADMIN, BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
 from tests.procs import ServeProcess
 
 DELIVERIES = 500
@@ -31,8 +32,8 @@ def run_id_of(message) -> str | None:
     return match.group(1) if match else None
 
 
-async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows, target, tmp_path,
-                                                               postgres_database):
+@BOTH_DATABASES
+async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows, target, tmp_path, database_url):
     write_workflow(workflows, "work", f"""
         name: work
         on: webhook
@@ -51,8 +52,8 @@ async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows,
             with: {{url: "{target.url}/deploy", method: POST}}
         """)
     log = tmp_path / "serve.log"
-    first = await ServeProcess(slack=slack, workflows=workflows, database_url=postgres_database, log=log).start()
-    second = await ServeProcess(slack=slack, workflows=workflows, database_url=postgres_database, log=log).start()
+    first = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url, log=log).start()
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url, log=log).start()
     processes = [first, second]
     try:
         url, secret = connection_from(await command(slack, "enable work"), "webhook")
@@ -117,7 +118,7 @@ async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows,
                 return await session.scalar(select(func.count()).select_from(Run).where(
                     Run.workflow == "work", Run.state == "succeeded")) or 0
 
-        db = Database(postgres_database)
+        db = Database(database_url)
         try:
             for _ in range(600):
                 if await finished() == DELIVERIES:
