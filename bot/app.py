@@ -20,6 +20,7 @@ from slack_bolt.async_app import AsyncApp
 from bot.crypto import Keyring, load_master_keys
 from bot.engine.intake import Intake
 from bot.engine.loader import Catalog
+from bot.engine.pacing import DoorFirst
 from bot.engine.runner import Runner
 from bot.engine.triggers.loop import TriggerLoop
 from bot.engine.triggers.poll import Poller
@@ -92,8 +93,9 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
                     log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls())
+    door_first = DoorFirst()
     engine = Engine(db=db, intake=intake, runner=runner, owner=owner, lease=lease,
-                    poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup)
+                    poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup, door=door_first)
     services = Services(settings=settings, db=db, catalog=catalog, keyring=keyring, metrics=metrics, slack=slack,
                         people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,
                         engine=engine, outbox=outbox, log_masker=log_masker, connections=ConnectionCache(),
@@ -117,7 +119,8 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
     services.log_masker.install()
     bolt = build_bolt_app(services, socket_mode=socket_mode)
     door = WebhookDoor(db=services.db, keyring=services.keyring, inbox=services.inbox, metrics=services.metrics,
-                       max_body=settings.max_body, on_stored=services.engine.events_stored)
+                       max_body=settings.max_body, on_stored=services.engine.events_stored,
+                       door_first=services.engine.door)
     door.cache = services.connections
     app = web.Application(client_max_size=settings.max_body + 1024 * 1024)
     app[SERVICES] = services

@@ -18,6 +18,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from bot.crypto import Keyring
+from bot.engine.pacing import DoorFirst
 from bot.errors import DecryptionError
 from bot.metrics import Metrics
 from bot.store.db import Database
@@ -66,8 +67,9 @@ def _json_error(status: int, message: str) -> web.Response:
 
 class WebhookDoor:
     def __init__(self, *, db: Database, keyring: Keyring, inbox: Inbox, metrics: Metrics, max_body: int,
-                 on_stored: object) -> None:
+                 on_stored: object, door_first: DoorFirst | None = None) -> None:
         self.db = db
+        self.door_first = door_first or DoorFirst()
         self.keyring = keyring
         self.inbox = inbox
         self.metrics = metrics
@@ -120,6 +122,13 @@ class WebhookDoor:
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.door_first.entered()
+        try:
+            return await self._handle(request)
+        finally:
+            self.door_first.left()
+
+    async def _handle(self, request: web.Request) -> web.Response:
         connection_id = request.match_info["connection_id"]
         body = await self._read_body(request)
         if body is None:

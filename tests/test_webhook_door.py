@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from bot.engine.pacing import DoorFirst
 from bot.store.models import Event
 from integrations.base import IncomingWebhook
 from integrations.webhook import Webhook, standard_webhooks_signature
@@ -150,3 +152,45 @@ async def test_a_run_without_steps_posts_its_card_and_one_reply_saying_it_starte
     assert started.startswith(":arrow_forward: Run `R") and "delivery `one-reply`" in started
     assert finished.startswith(":checkered_flag: Run succeeded: no steps;")
     assert not bot.slack.calls_of("chat.update")  # the card showed the end when it was first posted
+
+
+async def test_door_first_rests_the_engine_only_while_requests_pile_up():
+    door = DoorFirst(busy_at=3, rest_factor=2.0, longest_rest=0.05)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await door.rest_after(1.0)  # nobody waiting: no rest
+    assert loop.time() - began < 0.02
+    for _ in range(3):
+        door.entered()
+    assert door.busy
+    began = loop.time()
+    await door.rest_after(0.01)  # twice the batch's 10 ms
+    assert 0.02 - 0.002 <= loop.time() - began < 0.05
+    began = loop.time()
+    await door.rest_after(10.0)  # never longer than longest_rest
+    assert 0.05 - 0.002 <= loop.time() - began < 0.5
+    door.left()
+    assert not door.busy
+
+
+async def test_the_door_counts_requests_in_flight_back_to_zero_whatever_the_answer(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows, max_body=1024)
+    door_first = bot.services.engine.door
+    answers = await asyncio.gather(
+        bot.post(url, b'{"a": 1}', {"Authorization": f"Bearer {secret}"}),
+        bot.post(url, b'{"a": 1}', {"Authorization": "Bearer wrong"}),
+        bot.post(url, b"x" * 2048, {"Authorization": f"Bearer {secret}"}),
+        bot.post(url.rsplit("/", 1)[0] + "/nope", b"{}", {}),
+    )
+    assert [status for status, _ in answers] == [202, 401, 413, 404]
+    assert door_first.waiting == 0
+
+
+async def test_while_the_door_is_busy_the_engine_rests_but_still_starts_every_run(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows)
+    bot.services.engine.door.busy_at = 0  # as if a burst never ended
+    for n in range(5):
+        status, _ = await bot.post(url, json.dumps({"n": n}).encode(),
+                                   {"Authorization": f"Bearer {secret}", "X-Request-Id": f"busy-{n}"})
+        assert status == 202
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 5, timeout=10)

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.engine import states
 from bot.engine.intake import Intake
 from bot.engine.loops import Wakeup, WorkLoop
+from bot.engine.pacing import DoorFirst
 from bot.engine.runner import Runner
 from bot.store.db import Database
 from bot.store.models import Event, Run
@@ -29,7 +30,8 @@ class Engine(WorkLoop):
     name = "engine"
 
     def __init__(self, *, db: Database, intake: Intake, runner: Runner, owner: str, lease: timedelta,
-                 poll_interval: float, concurrency: int = 32, on_work_done: Wakeup | None = None) -> None:
+                 poll_interval: float, concurrency: int = 32, on_work_done: Wakeup | None = None,
+                 door: DoorFirst | None = None) -> None:
         super().__init__(interval=poll_interval)
         self.db = db
         self.intake = intake
@@ -38,6 +40,7 @@ class Engine(WorkLoop):
         self.lease = lease
         self.concurrency = concurrency
         self.on_work_done = on_work_done
+        self.door = door
         self._runs_may_be_due = True
         self._last_due_check = 0.0
 
@@ -52,7 +55,10 @@ class Engine(WorkLoop):
 
     async def tick(self) -> bool:
         """One round: take pending events, start due runs. True if there may be more to do at once."""
+        began = time.monotonic()
         batch = await self.intake.process_batch()
+        if batch.taken and self.door is not None:
+            await self.door.rest_after(time.monotonic() - began)
         if batch.undelivered and self.on_work_done:
             self.on_work_done.set()
         started = 0
