@@ -248,7 +248,8 @@ class Session:
         port = free_port()
         logfile = self.tmp / f"serve-{index}.log"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "serve", env=self._environment(port, workflows), cwd=self.tmp,
+            sys.executable, "-m", "bot", "serve", "--workers", str(self.args.workers),
+            env=self._environment(port, workflows), cwd=self.tmp,
             stdout=logfile.open("ab"), stderr=asyncio.subprocess.STDOUT)
         self.bots.append(proc)
         self.ports.append(port)
@@ -687,7 +688,8 @@ async def amain(args: argparse.Namespace) -> int:
     if shutil.which(args.wrk) is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk")
     out: dict[str, Any] = {
-        "label": args.label, "db": args.db, "processes": args.processes, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "label": args.label, "db": args.db, "processes": args.processes, "workers": args.workers,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": {"nproc": os.cpu_count(), "loadavg_start": loadavg()},
         "config": {k: v for k, v in vars(args).items() if k not in ("master_key",)},
     }
@@ -711,7 +713,7 @@ async def amain(args: argparse.Namespace) -> int:
                     await profiler.wait()
                     with contextlib.suppress(FileNotFoundError):
                         out["profile"] = summarize_profile(args.profile)
-                print_levels(f"{args.label} ({args.db}, {args.processes} process(es))",
+                print_levels(f"{args.label} ({args.db}, {args.processes} process(es) × {args.workers} worker(s))",
                              [{k: v for k, v in r.items() if k != 'raw'} for r in out["levels"]])
             if args.rate > 0:
                 out["fixed_rate"] = await fixed_rate(args, session)
@@ -764,6 +766,8 @@ def main() -> int:
     parser.add_argument("--waiting-concurrency", type=int, default=16)
     parser.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--processes", type=int, default=1, help="relaybot serve processes on the one database")
+    parser.add_argument("--workers", type=int, default=1, help="`relaybot serve --workers N`: worker processes "
+                        "sharing each serve's port (CPU and RSS count the whole process tree)")
     parser.add_argument("--pg-dsn", default=PG_ADMIN_DSN, help="admin DSN; a new database is created and dropped")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for relaybot serve")
     parser.add_argument("--source", help="run relaybot from this source tree (e.g. `git archive HEAD` unpacked) "
@@ -778,8 +782,6 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite database)")
     parser.add_argument("--out", help="write all numbers as JSON here")
     args = parser.parse_args()
-    if args.processes > 1 and args.db == "sqlite":
-        parser.error("several processes need --db postgres (SQLite is for one process)")
     args.master_key = base64.b64encode(os.urandom(32)).decode()
     return asyncio.run(amain(args))
 
