@@ -294,3 +294,17 @@ def test_what_an_expression_reads():
     assert compile_expression("size(event.a) + size(params)").reads == {"event": (("a",),), "params": ((),)}
     assert compile_expression('event.a == "//"').reads is not None
     assert compile_expression("event.a // a comment\n == 1").reads is None
+
+
+def test_run_ids_are_r_and_nine_crockford_characters_drawn_evenly():
+    import re
+    from collections import Counter
+
+    from bot.ids import new_run_id, normalize_run_id
+
+    ids = [new_run_id() for _ in range(4000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"R[0-9A-HJKMNP-TV-Z]{9}", run_id) for run_id in ids)
+    assert all(normalize_run_id(run_id.lower()) == run_id for run_id in ids[:100])
+    counts = Counter(character for run_id in ids for character in run_id[1:])
+    assert len(counts) == 32 and min(counts.values()) > 0.7 * 36000 / 32  # each of the 32 about equally often
