@@ -162,7 +162,7 @@ def test_serve_refuses_impossible_worker_options(args, env, expected, tmp_path):
                       **env)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"relaybot: configuration error: {lines[0].split(': ', 2)[-1]}"], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("relaybot: configuration error: "), result.stderr
     assert expected in lines[0]
     assert not (tmp_path / "r.db").exists(), "nothing may start before the options are checked"
 

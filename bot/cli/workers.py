@@ -40,7 +40,10 @@ STOP_GRACE = 30.0  # seconds the workers get to stop after SIGTERM before they a
 
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
-        return f"was killed by {signal.Signals(-returncode).name}"
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
 
 

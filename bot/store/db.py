@@ -11,13 +11,13 @@ thread and back through the event loop, and a loaded loop made each trip wait fo
 transaction held the one write lock: the database stood idle, locked, most of the time. The other writes
 (`Database.write`, through aiosqlite) take the same `WriteLock`.
 
-SQLite, several processes on one file (`relaybot serve --workers N`): between processes the `WriteLock` is
-replaced by an exclusive `flock` on `<database>.writelock`, taken after the `WriteLock` and before `BEGIN
-IMMEDIATE`, released after COMMIT or ROLLBACK (`FileWriteLock`). A process that waits for SQLite's own lock
-waits in its busy handler, which sleeps 1, 2, 5, 10 … ms between tries instead of waking when the lock is
-free: with two busy processes the waiter slept through most of the time the lock stood free. The kernel wakes
-a flock waiter at once, and a killed process's flock goes away with it. The busy timeout stays as the last
-resort for writers that do not take the flock (the `sqlite3` shell, migrations).
+SQLite, several processes on one file (`relaybot serve --workers N`): after the `WriteLock` and before `BEGIN
+IMMEDIATE`, every write transaction takes an exclusive `flock` on `<database>.writelock` (`FileWriteLock`),
+released after COMMIT or ROLLBACK. Without it, a process waiting for SQLite's own lock waits in SQLite's busy
+handler, which sleeps (1, 2, 5, 10 … ms) instead of waking when the lock is free: with two processes writing,
+the webhook accept p99 went to 750 ms while the processes sat idle. The kernel wakes a flock waiter at once, and
+a killed process's flock goes away with it. The busy timeout stays as the last resort for writers that do not
+take the flock (the `sqlite3` shell, migrations, the OAuth stores that use `Database.engine` directly).
 
 PostgreSQL: one pool; callers that claim work use `FOR UPDATE SKIP LOCKED` (see `Database.skip_locked`).
 """
