@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, insert
+from sqlalchemy import Engine, create_engine, event, insert, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,12 +62,38 @@ def insert_later(session: AsyncSession | Session, model: type[Any], row: dict[st
     return True
 
 
+def row_of(instance: Any) -> dict[str, Any]:
+    """A new mapped object's column values, for `insert_later` (the object itself stays out of the session).
+
+    What was set on the object, else the column's scalar default, else NULL; an autoincrement key left unset
+    is left to the database.
+    """
+    table = instance.__table__
+    given = inspect(instance).dict
+    row: dict[str, Any] = {}
+    for column in table.columns:
+        if column.key in given:
+            row[column.key] = given[column.key]
+        elif column.default is not None and column.default.is_scalar:
+            row[column.key] = column.default.arg
+        elif not (column.primary_key and column.autoincrement):
+            row[column.key] = None
+    return row
+
+
 async def flush_later(session: AsyncSession) -> None:
     pending: dict[type[Any], list[dict[str, Any]]] = session.info.get(BULK_KEY) or {}
-    for model, rows in pending.items():
-        if rows:
+    # Parents before children (runs before their steps), whatever order the rows were queued in.
+    if len(pending) > 1:
+        tables = next(iter(pending)).__table__.metadata.sorted_tables
+        order = {table: index for index, table in enumerate(tables)}
+        models = sorted(pending, key=lambda model: order.get(model.__table__, len(order)))
+    else:
+        models = list(pending)
+    for model in models:
+        if pending[model]:
             # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
-            await session.execute(insert(model.__table__), rows)
+            await session.execute(insert(model.__table__), pending[model])
     pending.clear()
 
 
