@@ -93,9 +93,10 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
                     log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls())
-    door_first = DoorFirst()
+    door_first = DoorFirst(max_backlog=settings.max_backlog)
     engine = Engine(db=db, intake=intake, runner=runner, owner=owner, lease=lease,
                     poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup, door=door_first)
+    metrics.on_scrape(lambda: engine.refresh_gauges(metrics))
     services = Services(settings=settings, db=db, catalog=catalog, keyring=keyring, metrics=metrics, slack=slack,
                         people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,
                         engine=engine, outbox=outbox, log_masker=log_masker, connections=ConnectionCache(),

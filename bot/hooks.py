@@ -1,8 +1,8 @@
 """The webhook door: `POST /hooks/<connection-id>`.
 
-size limit (413) → connection lookup (404) → the integration's `verify()` with the connection's secret (401)
-→ `parse()` (400) → stored in the inbox, durably → `202`. Nothing else happens in the request; the engine
-takes the event from the inbox.
+backlog limit (503, see `bot.engine.pacing`) → size limit (413) → connection lookup (404) → the integration's
+`verify()` with the connection's secret (401) → `parse()` (400) → stored in the inbox, durably → `202`. Nothing
+else happens in the request; the engine takes the event from the inbox.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from integrations.registry import INTEGRATIONS
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 30.0
+BACKLOG_RETRY_AFTER = 30  # seconds
 
 
 @dataclass
@@ -130,6 +131,12 @@ class WebhookDoor:
 
     async def _handle(self, request: web.Request) -> web.Response:
         connection_id = request.match_info["connection_id"]
+        if self.door_first.full:
+            # Before reading anything: this is the answer that must stay cheap when the engine is far behind.
+            self.metrics.events_rejected.labels(source="unknown", reason="backlog").inc()
+            return web.json_response(
+                {"ok": False, "error": f"too many events are waiting to be processed ({self.door_first.backlog}); "
+                                       f"retry later"}, status=503, headers={"Retry-After": str(BACKLOG_RETRY_AFTER)})
         body = await self._read_body(request)
         if body is None:
             self.metrics.events_rejected.labels(source="unknown", reason="too_large").inc()

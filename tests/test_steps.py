@@ -275,3 +275,19 @@ async def test_retried_slack_request_does_nothing_twice(make_bot, workflows, tar
     await bot.wait_thread(card, "Run succeeded")
     await bot.settle()
     assert len(target.requests_to("/deploy")) == 1
+
+
+async def test_runs_waiting_for_approval_show_in_the_active_runs_gauge(make_bot, workflows, target):
+    bot, fire = await start(make_bot, workflows, "gate", approval_gate(target))
+    await fire({})
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+
+    async def gauge() -> str:
+        async with bot.http().get(f"{bot.url}/metrics") as response:
+            return await response.text()
+
+    assert 'relaybot_runs_active{state="waiting"} 1.0' in await gauge()
+    await bot.click(card, "approve")
+    await bot.settle()
+    text = await gauge()
+    assert 'relaybot_runs_active{state="waiting"} 0.0' in text and "relaybot_inbox_depth 0.0" in text

@@ -194,3 +194,30 @@ async def test_while_the_door_is_busy_the_engine_rests_but_still_starts_every_ru
                                    {"Authorization": f"Bearer {secret}", "X-Request-Id": f"busy-{n}"})
         assert status == 202
     await bot.slack.wait_for(lambda: len(bot.cards()) == 5, timeout=10)
+
+
+async def test_the_inbox_depth_and_the_backlog_limit(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows, max_backlog=3)
+    engine, door_first = bot.services.engine, bot.services.engine.door
+    await engine.stop()  # events pile up in the inbox
+    for n in range(4):
+        status, _ = await bot.post(url, json.dumps({"n": n}).encode(),
+                                   {"Authorization": f"Bearer {secret}", "X-Request-Id": f"backlog-{n}"})
+        assert status == 202  # nobody has counted the backlog yet
+    async with bot.http().get(f"{bot.url}/metrics") as response:
+        assert "relaybot_inbox_depth 4.0" in await response.text()
+    await engine._count_backlog(full_batch=True)
+    assert door_first.backlog == 4 and door_first.full
+    async with bot.http().post(url, data=b'{"n": 5}', headers={"Authorization": f"Bearer {secret}"}) as response:
+        assert response.status == 503 and response.headers["Retry-After"] == "30"
+        assert "too many events are waiting" in (await response.json())["error"]
+    await engine._count_backlog(full_batch=True)  # counted at most once a second
+    assert door_first.backlog == 4
+    await engine.start()
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 4, timeout=10)
+    await bot.slack.wait_for(lambda: not door_first.full, timeout=5)  # the next batch took everything
+    status, _ = await bot.post(url, b'{"n": 6}', {"Authorization": f"Bearer {secret}", "X-Request-Id": "after"})
+    assert status == 202
+    async with bot.http().get(f"{bot.url}/metrics") as response:
+        metrics = await response.text()
+    assert 'relaybot_events_rejected_total{reason="backlog",source="unknown"} 1.0' in metrics

@@ -20,6 +20,7 @@ from bot.engine.intake import Intake
 from bot.engine.loops import Wakeup, WorkLoop
 from bot.engine.pacing import DoorFirst
 from bot.engine.runner import Runner
+from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.models import Event, Run
 
@@ -43,6 +44,7 @@ class Engine(WorkLoop):
         self.door = door
         self._runs_may_be_due = True
         self._last_due_check = 0.0
+        self._backlog_counted = 0.0
 
     def wake(self) -> None:
         """Something was committed that may make runs due (a click, a command, a finished step): look now."""
@@ -57,8 +59,10 @@ class Engine(WorkLoop):
         """One round: take pending events, start due runs. True if there may be more to do at once."""
         began = time.monotonic()
         batch = await self.intake.process_batch()
-        if batch.taken and self.door is not None:
-            await self.door.rest_after(time.monotonic() - began)
+        if self.door is not None:
+            await self._count_backlog(full_batch=batch.taken >= self.intake.batch_size)
+            if batch.taken:
+                await self.door.rest_after(time.monotonic() - began)
         if batch.undelivered and self.on_work_done:
             self.on_work_done.set()
         started = 0
@@ -71,6 +75,39 @@ class Engine(WorkLoop):
             self._last_due_check = now
             started = await self._claim_and_start()
         return batch.taken >= self.intake.batch_size or (started > 0 and len(self._active) < self.concurrency)
+
+    async def _count_backlog(self, *, full_batch: bool) -> None:
+        """Keep the door's idea of the inbox backlog current: a batch that was not full took everything; after
+        a full one the rest is counted, at most once a second."""
+        assert self.door is not None
+        if not full_batch:
+            self.door.backlog = 0
+            return
+        if time.monotonic() - self._backlog_counted < 1.0:
+            return
+        self._backlog_counted = time.monotonic()
+        self.door.backlog = await self.pending_events()
+
+    async def pending_events(self) -> int:
+        async def count(session: AsyncSession) -> int:
+            return int(await session.scalar(select(func.count()).select_from(Event)
+                                            .where(Event.processed_at.is_(None))) or 0)
+
+        return await self.db.reading(count)
+
+    async def refresh_gauges(self, metrics: Metrics) -> None:
+        """Before a scrape: the inbox's depth and the runs not yet finished, by state."""
+        async def read(session: AsyncSession) -> tuple[int, dict[str, int]]:
+            pending = int(await session.scalar(select(func.count()).select_from(Event)
+                                               .where(Event.processed_at.is_(None))) or 0)
+            active = (await session.execute(select(Run.state, func.count()).where(
+                Run.state.in_(states.ACTIVE_RUN_STATES)).group_by(Run.state))).all()
+            return pending, {state: count for state, count in active}
+
+        pending, active = await self.db.reading(read)
+        metrics.inbox_depth.set(pending)
+        for state in states.ACTIVE_RUN_STATES:
+            metrics.runs_active.labels(state=state).set(active.get(state, 0))
 
     async def _claim_and_start(self) -> int:
         free = self.concurrency - len(self._active)
