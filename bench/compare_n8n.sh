@@ -5,6 +5,7 @@
 #   bash bench/compare_n8n.sh                              # full: 20 s windows, 10,000 waiting runs
 #   DURATION=3 WARMUP=1 RATE_DURATION=3 WAITING=1000 SMOKE=1 bash bench/compare_n8n.sh    # a smoke run
 #   PG=1 bash bench/compare_n8n.sh                         # + PostgreSQL, one and two relaybot processes
+#   WORKERS=2 bash bench/compare_n8n.sh                    # + SQLite with `relaybot serve --workers 2`
 #
 # Steps, one after the other (never both systems at once):
 #   1. n8n: the harness's own run.sh (installs n8n from npm with its pinned lockfile into $BENCH_ROOT the first
@@ -16,7 +17,7 @@
 #   4. bench/compare_report.py: the table and the targets.
 #
 # Knobs (env): LEVELS=1,16,64 REPEATS=1 DURATION=20 WARMUP=5 PROBE_RATE=2 RATE=200 RATE_DURATION=20
-#   WAITING=10000 PG=0 PG_LEVELS=16,64 SMOKE=0 SKIP_N8N=0 N8N_RESULTS=<results.json of an earlier n8n run>
+#   WAITING=10000 WORKERS=1 PG=0 PG_LEVELS=16,64 SMOKE=0 SKIP_N8N=0 N8N_RESULTS=<results.json of an earlier n8n run>
 #   BENCH_ROOT=/tmp/n8nbench N8N_HARNESS=/work/shared/bench/n8n PY=<project venv python> PROFILE=0 SOURCE=<dir>
 set -euo pipefail
 
@@ -80,6 +81,18 @@ log "relaybot: SQLite, one process (levels $LEVELS, fixed rate $RATE req/s for $
   --rate-duration "$RATE_DURATION" --waiting "$WAITING" "${profile[@]}" --out "$OUT/relaybot.json") \
   2>"$OUT/relaybot.err" | tee "$OUT/relaybot.out" >&2 || { log "relaybot bench failed:"; tail -30 "$OUT/relaybot.err"; exit 1; }
 
+# ------------------------------------------------------------------ 2b. relaybot, SQLite, serve --workers (optional)
+WORKERS=${WORKERS:-1}
+workers_args=()
+if [ "$WORKERS" -gt 1 ]; then
+  log "relaybot: SQLite, serve --workers $WORKERS (levels $LEVELS)"
+  (cd "$ROOT" && "$PY" "$HERE/relaybot_bench.py" --workers "$WORKERS" --levels "$LEVELS" "${common[@]}" --rate 0 \
+    --label "relaybot-w$WORKERS" --out "$OUT/relaybot-workers.json") \
+    2>"$OUT/relaybot-workers.err" | tee "$OUT/relaybot-workers.out" >&2 \
+    && workers_args=(--workers "$OUT/relaybot-workers.json") \
+    || { log "relaybot with --workers $WORKERS failed:"; tail -15 "$OUT/relaybot-workers.err" >&2; }
+fi
+
 # ------------------------------------------------------------------ 3. relaybot on PostgreSQL (optional)
 pg_args=()
 if [ "$PG" = 1 ]; then
@@ -99,7 +112,7 @@ if [ "$PG" = 1 ]; then
 fi
 
 # ------------------------------------------------------------------ 4. the table
-report=(--relaybot "$OUT/relaybot.json" "${pg_args[@]}")
+report=(--relaybot "$OUT/relaybot.json" "${workers_args[@]}" "${pg_args[@]}")
 [ -n "$N8N_JSON" ] && report+=(--n8n "$N8N_JSON")
 [ "$SMOKE" = 1 ] && report+=(--smoke)
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine.txt"

@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--relaybot", required=True, help="relaybot_bench.py --out (SQLite, one process)")
     parser.add_argument("--pg1", help="relaybot_bench.py --out, PostgreSQL, one process")
     parser.add_argument("--pg2", help="relaybot_bench.py --out, PostgreSQL, two processes")
+    parser.add_argument("--workers", help="relaybot_bench.py --out, SQLite, `serve --workers N` (one host)")
     parser.add_argument("--pg-error", help="a file whose tail explains why the PostgreSQL mode failed")
     parser.add_argument("--smoke", action="store_true", help="label the numbers as a short smoke run")
     args = parser.parse_args()
@@ -115,6 +116,10 @@ def main() -> int:
     if n8n:
         systems.append(("n8n 1.123.x (SQLite)", n8n_rows, n8n.get("rss_end_mb")))
     systems.append(("relaybot (SQLite, 1 proc)", relay_rows, relay.get("rss_end_mb")))
+    workers = load(args.workers)
+    if workers:
+        systems.append((f"relaybot (SQLite, serve --workers {workers.get('workers')})", relaybot_levels(workers),
+                        workers.get("rss_end_mb")))
     if pg1:
         systems.append(("relaybot (PostgreSQL, 1 proc)", relaybot_levels(pg1), pg1.get("rss_end_mb")))
     if pg2:
@@ -151,6 +156,13 @@ def main() -> int:
                        f"{r['cards_per_s_sustained']:.1f} vs {n['cards_per_s_sustained']:.1f} → {fmt(ratio, 2)}×, "
                        f"missing {r['missing']}",
                        None if ratio is None else ratio >= TARGET_CARDS_RATIO and r["missing"] == 0))
+        if workers and top in relaybot_levels(workers):
+            w = relaybot_levels(workers)[top]
+            ratio = w["cards_per_s_sustained"] / n["cards_per_s_sustained"] if n["cards_per_s_sustained"] else None
+            checks.append((f"  the same with serve --workers {workers.get('workers')} (SQLite, one host)",
+                           f"{w['cards_per_s_sustained']:.1f} vs {n['cards_per_s_sustained']:.1f} → "
+                           f"{fmt(ratio, 2)}×, missing {w['missing']}",
+                           None if ratio is None else ratio >= TARGET_CARDS_RATIO and w["missing"] == 0))
     else:
         checks.append(("ratios to n8n", "no n8n results in this run", None))
     fixed = relay.get("fixed_rate")
