@@ -561,13 +561,16 @@ class Outbox(WorkLoop):
                 await session.execute(update(OutboxMessage).where(
                     OutboxMessage.lane == delivery.lane, OutboxMessage.state == "pending",
                     OutboxMessage.id.not_in(list(delivery.sent))).values(state="failed", last_error=reason))
-        # Only pending messages hold leases; saying so lets the pending index find them (without it, this
-        # statement read every message ever sent).
-        await session.execute(update(OutboxMessage)
-                              .where(OutboxMessage.state == "pending",
-                                     OutboxMessage.lane.in_([d.lane for d in deliveries]),
-                                     OutboxMessage.lease_owner == self.owner)
-                              .values(lease_owner=None, lease_until=None))
+        # A lane whose leased messages were all sent holds no lease any more; the others are released. Only
+        # pending messages hold leases; saying so lets the pending index find them (without it, this statement
+        # read every message ever sent).
+        held = [d.lane for d in deliveries
+                if any(row.id not in d.sent and row.id not in d.superseded for row in d.rows)]
+        if held:
+            await session.execute(update(OutboxMessage)
+                                  .where(OutboxMessage.state == "pending", OutboxMessage.lane.in_(held),
+                                         OutboxMessage.lease_owner == self.owner)
+                                  .values(lease_owner=None, lease_until=None))
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""
