@@ -33,6 +33,16 @@ async def setup(make_bot, workflows, target, **env):
     return bot, fire
 
 
+def assert_five_whole_runs_in_order(bot) -> None:
+    """Five cards, one per event, each with its whole thread in the order things happened."""
+    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
+    for card in bot.cards():
+        thread = bot.thread_texts(card)
+        assert len(thread) == len(expected), thread
+        assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
+    summaries = Counter(re.search(r"event \d", message.text).group(0) for message in bot.cards())
+    assert len(summaries) == 5 and set(summaries.values()) == {1}
+
 async def test_slack_refusing_for_a_while_then_everything_arrives_once_and_in_order(make_bot, workflows, target,
                                                                                      slack):
     bot, fire = await setup(make_bot, workflows, target)
@@ -44,13 +54,7 @@ async def test_slack_refusing_for_a_while_then_everything_arrives_once_and_in_or
     for card in bot.cards():
         await bot.wait_thread(card, "Run succeeded", timeout=60)
     await bot.settle(timeout=60)
-    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
-    for card in bot.cards():
-        thread = bot.thread_texts(card)
-        assert len(thread) == len(expected), thread
-        assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
-    summaries = Counter(re.search(r"event \d", message.text).group(0) for message in bot.cards())
-    assert len(summaries) == 5 and set(summaries.values()) == {1}
+    assert_five_whole_runs_in_order(bot)
     refused = [call for call in slack.calls if call.method == "chat.postMessage" and call.status in (429, 500)]
     assert len(refused) == 20
     async with bot.http().get(f"{bot.url}/metrics") as response:
@@ -76,13 +80,7 @@ async def test_a_minute_of_slack_outage_then_the_outbox_drains_once_and_in_order
     for card in bot.cards():
         await bot.wait_thread(card, "Run succeeded", timeout=120)
     await bot.settle(timeout=120)
-    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
-    for card in bot.cards():
-        thread = bot.thread_texts(card)
-        assert len(thread) == len(expected), thread
-        assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
-    summaries = Counter(re.search(r"event \d", message.text).group(0) for message in bot.cards())
-    assert len(summaries) == 5 and set(summaries.values()) == {1}
+    assert_five_whole_runs_in_order(bot)
     refused = [call for call in slack.calls if call.method == "chat.postMessage" and call.status in (429, 500)]
     assert {call.status for call in refused} == {429, 500}
 

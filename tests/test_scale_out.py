@@ -32,8 +32,8 @@ def run_id_of(message) -> str | None:
     return match.group(1) if match else None
 
 
-@BOTH_DATABASES
-async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows, target, tmp_path, database_url):
+def write_work_workflow(workflows, target) -> None:
+    """`work`: a webhook starts one step that PUTs `/work/<event.n>` at the fake target."""
     write_workflow(workflows, "work", f"""
         name: work
         on: webhook
@@ -42,6 +42,11 @@ async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows,
             uses: http.request
             with: {{url: "{target.url}/work/${{{{ event.n }}}}", method: PUT}}
         """)
+
+
+@BOTH_DATABASES
+async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows, target, tmp_path, database_url):
+    write_work_workflow(workflows, target)
     write_workflow(workflows, "gate", f"""
         name: gate
         on: command

@@ -19,10 +19,10 @@ from sqlalchemy import text
 
 import bot.store.db as db_module
 from bot.store.db import Database
-from tests.conftest import ADMIN, CHANNEL, TEAM, connection_from, write_workflow
+from tests.conftest import ADMIN, CHANNEL, TEAM, connection_from
 from tests.procs import ServeProcess, post_json
 from tests.test_cli import relaybot
-from tests.test_scale_out import run_id_of
+from tests.test_scale_out import run_id_of, write_work_workflow
 
 # --- the write lock between processes (two `Database`s on one file exclude each other as two processes do) ---
 
@@ -238,14 +238,7 @@ async def command(slack, text_: str) -> str:
 
 async def test_two_workers_share_one_port_and_the_supervisor_replaces_a_killed_one(
         slack, workflows, target, tmp_path):
-    write_workflow(workflows, "work", f"""
-        name: work
-        on: webhook
-        steps:
-          - id: work
-            uses: http.request
-            with: {{url: "{target.url}/work/${{{{ event.n }}}}", method: PUT}}
-        """)
+    write_work_workflow(workflows, target)
     log = tmp_path / "serve.log"
     supervisor = ServeProcess(slack=slack, workflows=workflows, log=log, args=["--workers", "2"],
                               database_url=f"sqlite+aiosqlite:///{tmp_path / 'relaybot.db'}")
