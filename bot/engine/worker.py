@@ -27,6 +27,12 @@ from bot.store.models import Event, Run
 log = logging.getLogger(__name__)
 
 
+async def _pending_events(session: AsyncSession) -> int:
+    """Stored events not yet turned into runs (the pending index counts them)."""
+    return int(await session.scalar(select(func.count()).select_from(Event).where(Event.processed_at.is_(None)))
+               or 0)
+
+
 class Engine(WorkLoop):
     name = "engine"
 
@@ -89,17 +95,12 @@ class Engine(WorkLoop):
         self.door.backlog = await self.pending_events()
 
     async def pending_events(self) -> int:
-        async def count(session: AsyncSession) -> int:
-            return int(await session.scalar(select(func.count()).select_from(Event)
-                                            .where(Event.processed_at.is_(None))) or 0)
-
-        return await self.db.reading(count)
+        return await self.db.reading(_pending_events)
 
     async def refresh_gauges(self, metrics: Metrics) -> None:
         """Before a scrape: the inbox's depth and the runs not yet finished, by state."""
         async def read(session: AsyncSession) -> tuple[int, dict[str, int]]:
-            pending = int(await session.scalar(select(func.count()).select_from(Event)
-                                               .where(Event.processed_at.is_(None))) or 0)
+            pending = await _pending_events(session)
             active = (await session.execute(select(Run.state, func.count()).where(
                 Run.state.in_(states.ACTIVE_RUN_STATES)).group_by(Run.state))).all()
             return pending, {state: count for state, count in active}
@@ -154,8 +155,7 @@ class Engine(WorkLoop):
             return False
         now = datetime.now(UTC)
         async with self.db.read() as session:
-            pending = await session.scalar(select(func.count()).select_from(Event)
-                                           .where(Event.processed_at.is_(None)))
+            pending = await _pending_events(session)
             due = await session.scalar(select(func.count()).select_from(Run).where(
                 Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now))
         return not pending and not due
