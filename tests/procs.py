@@ -14,7 +14,15 @@ from typing import Any
 import aiohttp
 
 from bot.emulator.webapi import SlackEmulator
-from tests.conftest import MASTER_KEY, TEAM, free_socket
+from tests.conftest import ADMIN, CHANNEL, MASTER_KEY, TEAM, free_socket
+
+
+async def command(slack: SlackEmulator, text: str) -> str:
+    """`/relay <text>` by the admin, sent to whichever process the emulator points at; the ephemeral reply."""
+    before = len(slack.responses)
+    await slack.slash_command(TEAM, CHANNEL, ADMIN, text)
+    await slack.wait_for(lambda: len(slack.responses) > before, timeout=20)
+    return str(slack.responses[before]["text"])
 
 
 class ServeProcess:

@@ -9,18 +9,11 @@ from sqlalchemy import select
 
 from bot.store.db import Database
 from bot.store.models import Run, Step
-from tests.conftest import ADMIN, ALICE, BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ALICE, BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
 from tests.fakes.http_target import Reply
-from tests.procs import ServeProcess, post_json
+from tests.procs import ServeProcess, command, post_json
 
 pytestmark = BOTH_DATABASES
-
-
-async def command(slack, text: str) -> str:
-    before = len(slack.responses)
-    await slack.slash_command(TEAM, CHANNEL, ADMIN, text)
-    await slack.wait_for(lambda: len(slack.responses) > before, timeout=15)
-    return str(slack.responses[before]["text"])
 
 
 def card_with(slack, predicate):

@@ -14,17 +14,10 @@ from sqlalchemy import func, select
 
 from bot.store.db import Database
 from bot.store.models import AuditRecord, Run
-from tests.conftest import ADMIN, BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
-from tests.procs import ServeProcess
+from tests.conftest import BOTH_DATABASES, CHANNEL, TEAM, buttons, connection_from, write_workflow
+from tests.procs import ServeProcess, command
 
 DELIVERIES = 500
-
-
-async def command(slack, text: str) -> str:
-    before = len(slack.responses)
-    await slack.slash_command(TEAM, CHANNEL, ADMIN, text)
-    await slack.wait_for(lambda: len(slack.responses) > before, timeout=20)
-    return str(slack.responses[before]["text"])
 
 
 def run_id_of(message) -> str | None:

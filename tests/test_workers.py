@@ -19,8 +19,8 @@ from sqlalchemy import text
 
 import bot.store.db as db_module
 from bot.store.db import Database
-from tests.conftest import ADMIN, CHANNEL, TEAM, connection_from
-from tests.procs import ServeProcess, post_json
+from tests.conftest import CHANNEL, TEAM, connection_from
+from tests.procs import ServeProcess, command, post_json
 from tests.test_cli import relaybot
 from tests.test_scale_out import run_id_of, write_work_workflow
 
@@ -227,13 +227,6 @@ async def both_listening(supervisor: ServeProcess) -> dict[int, int]:
 
     await eventually(ready, what=f"two workers listening on {supervisor.port}:\n{supervisor.log.read_text()}")
     return latest()
-
-
-async def command(slack, text_: str) -> str:
-    before = len(slack.responses)
-    await slack.slash_command(TEAM, CHANNEL, ADMIN, text_)
-    await slack.wait_for(lambda: len(slack.responses) > before, timeout=20)
-    return str(slack.responses[before]["text"])
 
 
 async def test_two_workers_share_one_port_and_the_supervisor_replaces_a_killed_one(
