@@ -20,11 +20,12 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,7 +36,7 @@ from bot.metrics import Metrics
 from bot.slack.blocks import as_dicts, run_card
 from bot.slack.client import NoToken, SlackApi
 from bot.store.batching import GroupCommit
-from bot.store.db import Database, flush_later
+from bot.store.db import Database, insert_later, take_later
 from bot.store.models import OutboxMessage, Run, Step
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Outbox(WorkLoop):
 
     def __init__(self, *, db: Database, slack: SlackApi, metrics: Metrics, owner: str, rate: float,
                  poll_interval: float = 1.0, lease: timedelta = timedelta(seconds=60), burst: float = 3.0,
-                 concurrency: int = 32,
+                 concurrency: int = 128,
                  on_undeliverable: Callable[[OutboxMessage, str], Awaitable[None]] | None = None) -> None:
         super().__init__(interval=poll_interval)
         self.on_undeliverable = on_undeliverable
@@ -276,19 +277,34 @@ class Outbox(WorkLoop):
         passes no more runs than `room()` allowed.
 
         Nobody else can see a lane before that commit, so taking it here is as safe as a claim; if this
-        process dies first, the lease runs out and any process delivers the lane as usual.
+        process dies first, the lease runs out and any process delivers the lane as usual. The messages are
+        written already leased, their ids returned by the insert itself: one statement, and nothing to read
+        back (an update of the new rows, returning them, had cost more than the insert).
         """
-        if not runs:
+        queued = take_later(session, OutboxMessage)
+        if not runs or not queued:
+            for row in queued:
+                insert_later(session, OutboxMessage, row)
             return []
-        await flush_later(session)  # the runs' messages are written now, not at the end of the transaction
+        lanes = {run.id for run, _ in runs}
+        until = now + self.lease
+        for row in queued:
+            leased = row["lane"] in lanes
+            row["lease_owner"] = self.owner if leased else None
+            row["lease_until"] = until if leased else None
         outbox = cast(Table, OutboxMessage.__table__)
-        leased = (await session.execute(
-            update(outbox).where(outbox.c.lane.in_([run.id for run, _ in runs]), outbox.c.state == "pending",
-                                 outbox.c.lease_owner.is_(None))
-            .values(lease_owner=self.owner, lease_until=now + self.lease).returning(*outbox.c))).all()
+        if self.db.is_sqlite:
+            # One multi-row INSERT; SQLite numbers the rows in the order of its VALUES (each new row's id is one
+            # more than the largest), so the ids in ascending order are the rows' ids in queue order. (Asking
+            # SQLAlchemy to keep the order makes it insert one row per statement on SQLite.)
+            ids = sorted((await session.execute(insert(outbox).returning(outbox.c.id), queued)).scalars())
+        else:
+            ids = list((await session.execute(insert(outbox).returning(outbox.c.id, sort_by_parameter_order=True),
+                                              queued)).scalars())
         by_lane: dict[str, list[Any]] = {}
-        for row in sorted(leased, key=lambda row: row.id):
-            by_lane.setdefault(row.lane, []).append(row)
+        for message_id, row in zip(ids, queued, strict=True):
+            if row["lease_owner"] is not None:
+                by_lane.setdefault(row["lane"], []).append(SimpleNamespace(id=message_id, **row))
         return [_Delivery(lane=run.id, rows=by_lane[run.id], run=run, steps=steps, card_ts=None)
                 for run, steps in runs if run.id in by_lane]
 

@@ -62,6 +62,13 @@ def insert_later(session: AsyncSession | Session, model: type[Any], row: dict[st
     return True
 
 
+def take_later(session: AsyncSession | Session, model: type[Any]) -> list[dict[str, Any]]:
+    """The rows of `model` queued by `insert_later` and not written yet, taken out of the queue: the caller
+    inserts them itself (to learn their ids, say)."""
+    pending = session.info.get(BULK_KEY)
+    return pending.pop(model, []) if pending is not None else []
+
+
 def row_of(instance: Any) -> dict[str, Any]:
     """A new mapped object's column values, for `insert_later` (the object itself stays out of the session).
 
