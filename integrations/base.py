@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, ConfigDict
 
+from integrations import jsontext
 from integrations.httpclient import HttpClient
 
 # ---------------------------------------------------------------------------------------------- webhooks
@@ -71,9 +72,9 @@ def parse_json_body(request: IncomingWebhook) -> Any:
         if content_type == "application/x-www-form-urlencoded":
             form = dict(parse_qsl(text, keep_blank_values=True))
             if set(form) == {"payload"}:
-                return json.loads(form["payload"])
+                return jsontext.loads(form["payload"])
             return form
-        return json.loads(text)
+        return jsontext.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadPayload(f"the body is not valid JSON: {exc}") from None
 

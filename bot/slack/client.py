@@ -17,6 +17,7 @@ from slack_sdk.version import __version__ as slack_sdk_version
 from slack_sdk.web.slack_response import SlackResponse
 
 from bot.metrics import Metrics
+from integrations import jsontext
 from integrations.base import ActionFailed
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,14 @@ class SlackApi:
         headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
         if method.startswith(JSON_METHODS):
             headers["Content-Type"] = "application/json;charset=utf-8"
-            body: Any = json.dumps({k: v for k, v in kwargs.items() if v is not None}).encode()
+            body: Any = jsontext.dumps_bytes({k: v for k, v in kwargs.items() if v is not None})
         else:
             body = {k: _form_value(v) for k, v in kwargs.items() if v is not None}
         async with self.session().post(url, data=body, headers=headers) as response:
             raw = await response.read()
             status, response_headers = response.status, dict(response.headers)
         try:
-            data = json.loads(raw) if raw else {}
+            data = jsontext.loads(raw) if raw else {}
         except ValueError:
             data = {}
         if not isinstance(data, dict):

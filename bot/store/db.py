@@ -41,10 +41,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
+from integrations import jsontext
+
 T = TypeVar("T")
 Body = Callable[[AsyncSession], Coroutine[Any, Any, T]]
 
 BUSY_TIMEOUT_MS = 30_000
+# How JSON columns are written and read (see integrations.jsontext: the standard library's values, faster).
+JSON_CODEC: dict[str, Any] = {"json_serializer": jsontext.dumps, "json_deserializer": jsontext.loads}
 BULK_KEY = "relaybot.insert_later"
 
 
@@ -177,6 +181,7 @@ def _sqlite_engine(url: str, *, writer: bool, echo: bool) -> AsyncEngine:
         # Every transaction ends in an explicit COMMIT or ROLLBACK; a second ROLLBACK on check-in would only cost
         # another trip to aiosqlite's thread.
         pool_reset_on_return=None,
+        **JSON_CODEC,
     )
     _configure_sqlite(engine.sync_engine, writer=writer)
     return engine
@@ -188,7 +193,7 @@ def _sqlite_thread_engine(url: str, *, writer: bool, echo: bool) -> Engine:
     sync_url = make_url(url).set(drivername="sqlite")
     engine = create_engine(sync_url, echo=echo, poolclass=QueuePool, pool_size=1, max_overflow=0,
                            connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-                           pool_reset_on_return=None)
+                           pool_reset_on_return=None, **JSON_CODEC)
     _configure_sqlite(engine, writer=writer)
     return engine
 
@@ -312,7 +317,7 @@ class Database:
             self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-reader")
         else:
             self._writer = create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
-                                               pool_pre_ping=True)
+                                               pool_pre_ping=True, **JSON_CODEC)
             self._reader = self._writer
         self._write_sessions = async_sessionmaker(self._writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self._reader, expire_on_commit=False)
