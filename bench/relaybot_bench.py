@@ -510,8 +510,11 @@ async def run_levels(args: argparse.Namespace, session: Session, loadgen: Module
     return rows
 
 
-async def fixed_rate(args: argparse.Namespace, session: Session) -> dict[str, Any]:
-    """Open loop at `--rate` req/s for `--rate-duration` s; every request is a timestamped probe."""
+async def fixed_rate(args: argparse.Namespace, session: Session, loadgen: ModuleType) -> dict[str, Any]:
+    """Open loop at `--rate` req/s for `--rate-duration` s; every request is a timestamped probe.
+
+    Also the bot's CPU time per run (its process tree, from the first request until every card is posted):
+    on a shared machine whose speed drifts by ±15 % within minutes, CPU per run moves less than req/s does."""
     body_path = Path(args.harness) / "pr_opened.json"
     template = json.loads(body_path.read_text())
     template["pull_request"]["title"] = "@@TITLE@@"
@@ -524,6 +527,8 @@ async def fixed_rate(args: argparse.Namespace, session: Session) -> dict[str, An
     results: list[tuple[int | str, float]] = []
     lateness: list[float] = []
     before = await session.metrics()
+    bot_tree = sorted({p for pid in session.bot_pids for p in loadgen.tree(pid)})
+    cpu_before = loadgen.cpu_ticks(bot_tree)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
                                      connector=aiohttp.TCPConnector(limit=512)) as http:
 
@@ -551,6 +556,8 @@ async def fixed_rate(args: argparse.Namespace, session: Session) -> dict[str, An
         await asyncio.gather(*tasks)
     accepted = [latency for status, latency in results if status == 202]
     stats, drained = await settle(session, len(accepted), args.quiet, args.drain_max)
+    # settle() waited `--quiet` seconds of silence after the last card: idle time, a little CPU (polls, timers).
+    cpu_ms = 1000.0 * (loadgen.cpu_ticks(bot_tree) - cpu_before) / loadgen.CLK_TCK
     after = await session.metrics()
     result = {
         "rate": args.rate, "duration_s": args.rate_duration, "sent": total, "accepted": len(accepted),
@@ -561,6 +568,7 @@ async def fixed_rate(args: argparse.Namespace, session: Session) -> dict[str, An
         "e2e_p50_ms": stats["probe"]["p50_ms"], "e2e_p99_ms": stats["probe"]["p99_ms"],
         "e2e_max_ms": stats["probe"]["max_ms"], "cards": stats["count"], "drained": drained,
         "generator_late_p99_ms": _ms(pct(lateness, 99)), "generator_late_max_ms": _ms(max(lateness)),
+        "bot_cpu_ms_per_run": round(cpu_ms / stats["count"], 3) if stats["count"] else None,
         "events_received": after.get("relaybot_events_received_total", 0)
         - before.get("relaybot_events_received_total", 0),
         "loadavg": loadavg(),
@@ -571,6 +579,8 @@ async def fixed_rate(args: argparse.Namespace, session: Session) -> dict[str, An
     print(f"   webhook → card p50 {result['e2e_p50_ms']} ms p99 {result['e2e_p99_ms']} ms "
           f"max {result['e2e_max_ms']} ms; cards {stats['count']} (drained: {drained}); "
           f"generator late p99 {result['generator_late_p99_ms']} ms")
+    print(f"   bot CPU per run (webhook accepted, run started and finished, card and reply posted): "
+          f"{result['bot_cpu_ms_per_run']} ms")
     return result
 
 
@@ -716,7 +726,7 @@ async def amain(args: argparse.Namespace) -> int:
                 print_levels(f"{args.label} ({args.db}, {args.processes} process(es) × {args.workers} worker(s))",
                              [{k: v for k, v in r.items() if k != 'raw'} for r in out["levels"]])
             if args.rate > 0:
-                out["fixed_rate"] = await fixed_rate(args, session)
+                out["fixed_rate"] = await fixed_rate(args, session, loadgen)
             after = await session.metrics()
             out["rss_end_mb"] = session.rss_mb(loadgen)
             out["events_received"] = after.get("relaybot_events_received_total", 0) - before.get(
