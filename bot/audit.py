@@ -1,9 +1,9 @@
 """The append-only, hash-chained audit log.
 
 Each workspace has one chain: record N carries the hash of record N-1 and its own hash over a canonical
-encoding of every field. `append` is the only write path; there is no update or delete in the code. Appends
-lock the workspace's head row (`audit_heads`), so concurrent writers — several processes on PostgreSQL —
-still produce one unbroken chain.
+encoding of every field. `append` is the only write path; there is no update or delete in the code. The
+records a transaction appends are chained at its end, under a lock on the workspace's head row
+(`audit_heads`), so concurrent writers — several processes on PostgreSQL — still produce one unbroken chain.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.store.db import insert_later
+from bot.store.db import before_commit
 from bot.store.models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
@@ -57,24 +57,9 @@ class Actor:
         return cls("system")
 
 
-_HEADS_KEY = "relaybot.audit_heads"
-
-
-async def _lock_head(session: AsyncSession, team_id: str) -> AuditHead:
-    heads: dict[str, AuditHead] = session.info.setdefault(_HEADS_KEY, {})
-    head = heads.get(team_id)
-    if head is not None:
-        return head
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    await session.execute(insert(AuditHead).values(team_id=team_id, seq=0, hash=GENESIS)
-                          .on_conflict_do_nothing(index_elements=["team_id"]))
-    query = select(AuditHead).where(AuditHead.team_id == team_id).execution_options(populate_existing=True)
-    if dialect == "postgresql":
-        query = query.with_for_update()
-    head = (await session.execute(query)).scalar_one()
-    heads[team_id] = head
-    return head
+_PENDING_KEY = "relaybot.audit_pending"
+_RECORDS = cast(Table, AuditRecord.__table__)
+_HEADS = cast(Table, AuditHead.__table__)
 
 
 async def append(
@@ -91,21 +76,61 @@ async def append(
     reason: str | None = None,
     details: dict[str, Any] | None = None,
     at: datetime | None = None,
-) -> dict[str, Any]:
-    """Add one record to the workspace's chain, inside the caller's transaction; returns its fields."""
-    head = await _lock_head(session, team_id)
+) -> None:
+    """Add one record to the workspace's chain, inside the caller's transaction.
+
+    The records of a transaction are chained and written at its end, in the order they were appended: the
+    workspace's head row is locked (PostgreSQL) only for those last statements, not for the whole transaction.
+    """
     fields: dict[str, Any] = {
-        "team_id": team_id, "seq": head.seq + 1, "at": rfc3339(at or datetime.now(UTC)),
+        "team_id": team_id, "seq": None, "at": rfc3339(at or datetime.now(UTC)),
         "actor": actor.id, "actor_name": actor.name, "action": action, "run_id": run_id,
         "workflow": workflow, "workflow_hash": workflow_hash, "step": step, "outcome": outcome,
-        "reason": reason, "details": details or {}, "prev_hash": head.hash,
+        "reason": reason, "details": details or {}, "prev_hash": None, "hash": None,
     }
-    fields["hash"] = record_hash(fields)
-    if not insert_later(session, AuditRecord, fields):
-        session.add(AuditRecord(**fields))
-    head.seq = fields["seq"]
-    head.hash = fields["hash"]
-    return fields
+    pending: list[dict[str, Any]] | None = session.info.get(_PENDING_KEY)
+    if pending is None:
+        if not before_commit(session, "audit", _write_pending):
+            await _write_chained(session, [fields])  # a session not opened by `Database`: at once
+            return
+        pending = session.info[_PENDING_KEY] = []
+    pending.append(fields)
+
+
+async def _write_pending(session: AsyncSession) -> None:
+    await _write_chained(session, session.info.pop(_PENDING_KEY, []))
+
+
+async def _write_chained(session: AsyncSession, records: list[dict[str, Any]]) -> None:
+    by_team: dict[str, list[dict[str, Any]]] = {}
+    for fields in records:
+        by_team.setdefault(fields["team_id"], []).append(fields)
+    heads = []
+    for team_id in sorted(by_team):  # every process locks heads in one order: two cannot wait for each other
+        seq, prev_hash = await _lock_head(session, team_id)
+        for fields in by_team[team_id]:
+            seq += 1
+            fields["seq"], fields["prev_hash"] = seq, prev_hash
+            fields["hash"] = prev_hash = record_hash(fields)
+        heads.append({"team": team_id, "seq": seq, "hash": prev_hash})
+    if not heads:
+        return
+    await session.execute(insert(_RECORDS), records)
+    await session.execute(update(_HEADS).where(_HEADS.c.team_id == bindparam("team"))
+                          .values(seq=bindparam("seq"), hash=bindparam("hash")), heads)
+
+
+async def _lock_head(session: AsyncSession, team_id: str) -> tuple[int, str]:
+    """The workspace's head (sequence number and hash), created if new, and locked until the transaction ends:
+    one statement, an upsert that changes nothing and returns the row (on PostgreSQL it takes the row's lock
+    and returns its latest committed version; on SQLite the write lock is already held)."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert_head = (pg_insert if dialect == "postgresql" else sqlite_insert)(_HEADS)
+    statement = (insert_head.values(team_id=team_id, seq=0, hash=GENESIS)
+                 .on_conflict_do_update(index_elements=["team_id"], set_={"seq": _HEADS.c.seq})
+                 .returning(_HEADS.c.seq, _HEADS.c.hash))
+    seq, head_hash = (await session.execute(statement)).one()
+    return seq, head_hash
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import heapq
 import itertools
 import os
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, insert, inspect
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, insert, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,6 +51,7 @@ BUSY_TIMEOUT_MS = 30_000
 # How JSON columns are written and read (see integrations.jsontext: the standard library's values, faster).
 JSON_CODEC: dict[str, Any] = {"json_serializer": jsontext.dumps, "json_deserializer": jsontext.loads}
 BULK_KEY = "relaybot.insert_later"
+FINISH_KEY = "relaybot.before_commit"
 
 
 def insert_later(session: AsyncSession | Session, model: type[Any], row: dict[str, Any]) -> bool:
@@ -92,20 +94,51 @@ def row_of(instance: Any) -> dict[str, Any]:
     return row
 
 
+def before_commit(session: AsyncSession | Session, key: str,
+                  finish: Callable[[AsyncSession], Awaitable[None]]) -> bool:
+    """Have `finish(session)` run once at the end of this transaction, after the rows queued by `insert_later`
+    are written and before COMMIT (the audit chain is written there, so that on PostgreSQL its head row is
+    locked only for the transaction's last statements). False when the session is not one of `Database`'s."""
+    finishers = session.info.get(FINISH_KEY)
+    if finishers is None:
+        return False
+    finishers.setdefault(key, finish)
+    return True
+
+
+def _open_for_later(session: AsyncSession | Session) -> None:
+    session.info[BULK_KEY] = {}
+    session.info[FINISH_KEY] = {}
+
+
+@functools.cache
+def _table_order(metadata: MetaData) -> dict[Table, int]:
+    # Sorting the tables by their foreign keys took longer than the inserts of a small transaction.
+    return {table: index for index, table in enumerate(metadata.sorted_tables)}
+
+
+def _parents_first(model: type[Any]) -> int:
+    order = _table_order(model.__table__.metadata)
+    return order.get(model.__table__, len(order))
+
+
 async def flush_later(session: AsyncSession) -> None:
-    pending: dict[type[Any], list[dict[str, Any]]] = session.info.get(BULK_KEY) or {}
-    # Parents before children (runs before their steps), whatever order the rows were queued in.
-    if len(pending) > 1:
-        tables = next(iter(pending)).__table__.metadata.sorted_tables
-        order = {table: index for index, table in enumerate(tables)}
-        models = sorted(pending, key=lambda model: order.get(model.__table__, len(order)))
-    else:
-        models = list(pending)
-    for model in models:
-        if pending[model]:
-            # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
-            await session.execute(insert(model.__table__), pending[model])
-    pending.clear()
+    """Write the rows queued by `insert_later`, then run what `before_commit` asked for (which may queue more)."""
+    while True:
+        pending: dict[type[Any], list[dict[str, Any]]] = session.info.get(BULK_KEY) or {}
+        # Parents before children (runs before their steps), whatever order the rows were queued in.
+        for model in sorted(pending, key=_parents_first) if len(pending) > 1 else list(pending):
+            if pending[model]:
+                # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
+                await session.execute(insert(model.__table__), pending[model])
+        pending.clear()
+        finishers: dict[str, Callable[[AsyncSession], Awaitable[None]]] = session.info.get(FINISH_KEY) or {}
+        if not finishers:
+            return
+        waiting = list(finishers.values())
+        finishers.clear()
+        for finish in waiting:
+            await finish(session)
 
 
 class SyncSessionAsAsync:
@@ -343,7 +376,7 @@ class Database:
             await self._lock_file_from_loop()
         try:
             async with self._write_sessions() as session, session.begin():
-                session.info[BULK_KEY] = {}
+                _open_for_later(session)
                 yield session
                 await flush_later(session)
         finally:
@@ -422,7 +455,7 @@ class Database:
             self._file_lock.acquire()
         try:
             with self._thread_sessions() as session, session.begin():
-                session.info[BULK_KEY] = {}
+                _open_for_later(session)
                 adapter = cast(AsyncSession, SyncSessionAsAsync(session))
                 result = _run_to_completion(cast(Coroutine[Any, Any, T], body(adapter)))
                 _run_to_completion(flush_later(adapter))
