@@ -7,6 +7,7 @@ on runs, so an event can never start two runs for one subscription.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -173,15 +174,24 @@ class Intake:
     async def process_batch(self) -> Batch:
         """Turn up to `batch_size` pending events into runs.
 
-        The work that costs (matching, CEL, rendering cards) is done before the write transaction, which then
-        only claims the events and inserts the runs: the database's one writer is held for as short a time as
-        possible, so webhooks keep being accepted quickly while runs are started.
+        SQLite: the work that costs (matching, CEL, rendering cards) is done before the write transaction, which
+        then only claims the events and inserts the runs: the database's one writer is held for as short a
+        time as possible, so webhooks keep being accepted quickly while runs are started.
+
+        PostgreSQL: one transaction takes the oldest pending events that no other process holds (`FOR UPDATE
+        SKIP LOCKED`), plans and starts their runs. Reading first and claiming after, as on SQLite, made several
+        processes plan the same oldest events and all but one find them taken.
         """
         now = datetime.now(UTC)
+        batch = Batch()
+        leased: list[Any] = []
+        room = self.outbox.room() if self.outbox is not None else 0
 
-        async def plan(session: AsyncSession) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
-            events = list((await session.execute(select(Event).where(Event.processed_at.is_(None))
-                                                 .order_by(Event.id).limit(self.batch_size))).scalars())
+        async def plan(session: AsyncSession, *, lock: bool) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
+            query = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(self.batch_size)
+            if lock:
+                query = query.with_for_update(skip_locked=True)
+            events = list((await session.execute(query)).scalars())
             if not events:
                 return [], []
             subscriptions: dict[str, list[Subscription]] = {}
@@ -192,16 +202,9 @@ class Intake:
             return events, [(event, self._plan_run(event, match, now)) for event in events
                             for match in await _matches(session, self.catalog, event, subscriptions)]
 
-        events, planned = await self.db.reading(plan)
-        if not events:
-            return Batch()
-        batch = Batch(taken=len(events))
-
-        leased: list[Any] = []
-        room = self.outbox.room() if self.outbox is not None else 0
-
-        async def start_runs(session: AsyncSession) -> None:
-            # Claimed here, conditionally: another process may have taken some of them meanwhile.
+        async def start_runs(session: AsyncSession, events: list[Event], planned: list[tuple[Event, _Planned]]
+                             ) -> None:
+            # Claimed here, conditionally: on SQLite another process may have taken some of them meanwhile.
             claimed = set((await session.execute(
                 update(Event).where(Event.id.in_([event.id for event in events]), Event.processed_at.is_(None))
                 .values(processed_at=now).returning(Event.id))).scalars())
@@ -214,7 +217,21 @@ class Intake:
             if self.outbox is not None and room and started:
                 leased.extend(await self.outbox.lease_new_runs(session, started[:room], now=now))
 
-        await self.db.transaction(start_runs)
+        if self.db.is_sqlite:
+            events, planned = await self.db.reading(functools.partial(plan, lock=False))
+            if events:
+                await self.db.transaction(lambda session: start_runs(session, events, planned))
+        else:
+            async def plan_and_start(session: AsyncSession) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
+                events, planned = await plan(session, lock=True)
+                if events:
+                    await start_runs(session, events, planned)
+                return events, planned
+
+            events, planned = await self.db.transaction(plan_and_start)
+        if not events:
+            return batch
+        batch.taken = len(events)
         if self.outbox is not None and leased:
             self.outbox.deliver_leased(leased)
         batch.undelivered = len(planned) - len(leased)
