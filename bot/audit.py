@@ -8,6 +8,7 @@ records a transaction appends are chained at its end, under a lock on the worksp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -60,6 +61,10 @@ class Actor:
 _PENDING_KEY = "relaybot.audit_pending"
 _RECORDS = cast(Table, AuditRecord.__table__)
 _HEADS = cast(Table, AuditHead.__table__)
+# Built once (building a statement cost more than running it).
+_INSERT_RECORDS = insert(_RECORDS)
+_MOVE_HEAD = (update(_HEADS).where(_HEADS.c.team_id == bindparam("team"))
+              .values(seq=bindparam("seq"), hash=bindparam("hash")))
 
 
 async def append(
@@ -115,9 +120,8 @@ async def _write_chained(session: AsyncSession, records: list[dict[str, Any]]) -
         heads.append({"team": team_id, "seq": seq, "hash": prev_hash})
     if not heads:
         return
-    await session.execute(insert(_RECORDS), records)
-    await session.execute(update(_HEADS).where(_HEADS.c.team_id == bindparam("team"))
-                          .values(seq=bindparam("seq"), hash=bindparam("hash")), heads)
+    await session.execute(_INSERT_RECORDS, records)
+    await session.execute(_MOVE_HEAD, heads)
 
 
 async def _lock_head(session: AsyncSession, team_id: str) -> tuple[int, str]:
@@ -125,12 +129,16 @@ async def _lock_head(session: AsyncSession, team_id: str) -> tuple[int, str]:
     one statement, an upsert that changes nothing and returns the row (on PostgreSQL it takes the row's lock
     and returns its latest committed version; on SQLite the write lock is already held)."""
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert_head = (pg_insert if dialect == "postgresql" else sqlite_insert)(_HEADS)
-    statement = (insert_head.values(team_id=team_id, seq=0, hash=GENESIS)
-                 .on_conflict_do_update(index_elements=["team_id"], set_={"seq": _HEADS.c.seq})
-                 .returning(_HEADS.c.seq, _HEADS.c.hash))
-    seq, head_hash = (await session.execute(statement)).one()
+    seq, head_hash = (await session.execute(_head_upsert(dialect), {"team": team_id})).one()
     return seq, head_hash
+
+
+@functools.cache
+def _head_upsert(dialect: str) -> Any:
+    insert_head = (pg_insert if dialect == "postgresql" else sqlite_insert)(_HEADS)
+    return (insert_head.values(team_id=bindparam("team"), seq=0, hash=GENESIS)
+            .on_conflict_do_update(index_elements=["team_id"], set_={"seq": _HEADS.c.seq})
+            .returning(_HEADS.c.seq, _HEADS.c.hash))
 
 
 @dataclass(frozen=True)

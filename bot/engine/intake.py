@@ -11,9 +11,9 @@ import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -145,6 +145,16 @@ class LanesLeasedAhead(Protocol):
     def deliver_leased(self, deliveries: list[Any]) -> None: ...
 
 
+# The busy path's statements, built once: building a statement and computing its cache key cost more than
+# executing it (an UPDATE ... IN built per call: 340 µs; the same, built once: 36 µs).
+_EVENTS = cast(Table, Event.__table__)
+_CLAIM_EVENTS = (update(_EVENTS)
+                 .where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)), _EVENTS.c.processed_at.is_(None))
+                 .values(processed_at=bindparam("now")).returning(_EVENTS.c.id))
+_SUBSCRIPTIONS_OF_TEAMS = (select(Subscription).where(Subscription.team_id.in_(bindparam("teams", expanding=True)))
+                           .order_by(Subscription.id))
+
+
 @dataclass
 class Batch:
     """What one `process_batch` did."""
@@ -170,6 +180,8 @@ class Intake:
         self.metrics = metrics
         self.batch_size = batch_size
         self._stored_versions: set[str] = set()
+        self._pending = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(batch_size)
+        self._pending_locked = self._pending.with_for_update(skip_locked=True)
 
     async def process_batch(self) -> Batch:
         """Turn up to `batch_size` pending events into runs.
@@ -188,16 +200,12 @@ class Intake:
         room = self.outbox.room() if self.outbox is not None else 0
 
         async def plan(session: AsyncSession, *, lock: bool) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
-            query = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(self.batch_size)
-            if lock:
-                query = query.with_for_update(skip_locked=True)
-            events = list((await session.execute(query)).scalars())
+            events = list((await session.execute(self._pending_locked if lock else self._pending)).scalars())
             if not events:
                 return [], []
             subscriptions: dict[str, list[Subscription]] = {}
-            for subscription in (await session.execute(select(Subscription).where(
-                    Subscription.team_id.in_({event.team_id for event in events})).order_by(Subscription.id))
-                                 ).scalars():
+            for subscription in (await session.execute(
+                    _SUBSCRIPTIONS_OF_TEAMS, {"teams": list({event.team_id for event in events})})).scalars():
                 subscriptions.setdefault(subscription.team_id, []).append(subscription)
             return events, [(event, self._plan_run(event, match, now)) for event in events
                             for match in await _matches(session, self.catalog, event, subscriptions)]
@@ -206,8 +214,7 @@ class Intake:
                              ) -> None:
             # Claimed here, conditionally: on SQLite another process may have taken some of them meanwhile.
             claimed = set((await session.execute(
-                update(Event).where(Event.id.in_([event.id for event in events]), Event.processed_at.is_(None))
-                .values(processed_at=now).returning(Event.id))).scalars())
+                _CLAIM_EVENTS, {"ids": [event.id for event in events], "now": now})).scalars())
             started: list[tuple[Run, list[Step]]] = []
             for event, plan in planned:
                 if event.id in claimed:

@@ -65,6 +65,17 @@ def _metadata(**payload: Any) -> dict[str, Any]:
     return {"event_type": METADATA_EVENT, "event_payload": payload}
 
 
+# The busy path's statements, built once (building a statement cost more than running it).
+_RUNS = cast(Table, Run.__table__)
+_OUTBOX = cast(Table, OutboxMessage.__table__)
+_SET_CARD_TS = (update(_RUNS).where(_RUNS.c.id == bindparam("run"), _RUNS.c.card_ts.is_(None))
+                .values(card_ts=bindparam("ts")))
+_MARK_SENT = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("message"))
+              .values(state="sent", sent_at=bindparam("now"), result_ts=bindparam("ts")))
+_INSERT_RETURNING_IDS = insert(_OUTBOX).returning(_OUTBOX.c.id)
+_INSERT_RETURNING_IDS_IN_ORDER = insert(_OUTBOX).returning(_OUTBOX.c.id, sort_by_parameter_order=True)
+
+
 @dataclass
 class _Delivery:
     """One lane being delivered: what was read at the start, and what happened, written back at the end."""
@@ -292,15 +303,13 @@ class Outbox(WorkLoop):
             leased = row["lane"] in lanes
             row["lease_owner"] = self.owner if leased else None
             row["lease_until"] = until if leased else None
-        outbox = cast(Table, OutboxMessage.__table__)
         if self.db.is_sqlite:
             # One multi-row INSERT; SQLite numbers the rows in the order of its VALUES (each new row's id is one
             # more than the largest), so the ids in ascending order are the rows' ids in queue order. (Asking
             # SQLAlchemy to keep the order makes it insert one row per statement on SQLite.)
-            ids = sorted((await session.execute(insert(outbox).returning(outbox.c.id), queued)).scalars())
+            ids = sorted((await session.execute(_INSERT_RETURNING_IDS, queued)).scalars())
         else:
-            ids = list((await session.execute(insert(outbox).returning(outbox.c.id, sort_by_parameter_order=True),
-                                              queued)).scalars())
+            ids = list((await session.execute(_INSERT_RETURNING_IDS_IN_ORDER, queued)).scalars())
         by_lane: dict[str, list[Any]] = {}
         for message_id, row in zip(ids, queued, strict=True):
             if row["lease_owner"] is not None:
@@ -547,16 +556,11 @@ class Outbox(WorkLoop):
                       superseded: list[int]) -> None:
         """What the deliveries learned, in one transaction; then their lanes are free for anyone again."""
         # Row-by-row values as one executemany each, compiled once (a CASE over the batch was compiled anew).
-        runs, outbox = cast(Table, Run.__table__), cast(Table, OutboxMessage.__table__)
         if card_ts:
-            await session.execute(
-                update(runs).where(runs.c.id == bindparam("run"), runs.c.card_ts.is_(None))
-                .values(card_ts=bindparam("ts")), [{"run": run_id, "ts": ts} for run_id, ts in card_ts.items()])
+            await session.execute(_SET_CARD_TS, [{"run": run_id, "ts": ts} for run_id, ts in card_ts.items()])
         if sent:
-            await session.execute(
-                update(outbox).where(outbox.c.id == bindparam("message"))
-                .values(state="sent", sent_at=now, result_ts=bindparam("ts")),
-                [{"message": message_id, "ts": timestamps.get(message_id)} for message_id in sent])
+            await session.execute(_MARK_SENT, [{"message": message_id, "ts": timestamps.get(message_id), "now": now}
+                                               for message_id in sent])
         if superseded:
             await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
                                   .values(state="superseded", sent_at=now))

@@ -117,6 +117,11 @@ def _table_order(metadata: MetaData) -> dict[Table, int]:
     return {table: index for index, table in enumerate(metadata.sorted_tables)}
 
 
+@functools.cache
+def _insert_into(table: Table) -> Any:
+    return insert(table)  # built once: building a statement cost more than a small executemany
+
+
 def _parents_first(model: type[Any]) -> int:
     order = _table_order(model.__table__.metadata)
     return order.get(model.__table__, len(order))
@@ -130,7 +135,7 @@ async def flush_later(session: AsyncSession) -> None:
         for model in sorted(pending, key=_parents_first) if len(pending) > 1 else list(pending):
             if pending[model]:
                 # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
-                await session.execute(insert(model.__table__), pending[model])
+                await session.execute(_insert_into(model.__table__), pending[model])
         pending.clear()
         finishers: dict[str, Callable[[AsyncSession], Awaitable[None]]] = session.info.get(FINISH_KEY) or {}
         if not finishers:

@@ -68,6 +68,13 @@ class Inbox:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._writes: GroupCommit[NewEvent, Stored] = GroupCommit(self._write, name="inbox", max_batch=MAX_BATCH)
+        # One statement for all rows, built and compiled once per process (a VALUES list of the batch's length
+        # was compiled anew for every batch), on the table rather than the mapped class: no ORM bulk path per row.
+        events_table = cast(Table, Event.__table__)
+        self._insert = ((sqlite_insert if db.is_sqlite else pg_insert)(events_table)
+                        .on_conflict_do_nothing(index_elements=["team_id", "source", "delivery_id"])
+                        .returning(events_table.c.id, events_table.c.team_id, events_table.c.source,
+                                   events_table.c.delivery_id))
 
     async def store(self, event: NewEvent) -> Stored:
         """Durably stored (or found stored already) when this returns."""
@@ -77,15 +84,7 @@ class Inbox:
         await self._writes.close()
 
     async def _write(self, events: list[NewEvent]) -> list[Stored]:
-        dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
-
-        # One statement for all rows, compiled once per process (a VALUES list of the batch's length was
-        # compiled anew for every batch), on the table rather than the mapped class: no ORM bulk path per row.
-        events_table = cast(Table, Event.__table__)
-        statement = (dialect_insert(events_table)
-                     .on_conflict_do_nothing(index_elements=["team_id", "source", "delivery_id"])
-                     .returning(events_table.c.id, events_table.c.team_id, events_table.c.source,
-                                events_table.c.delivery_id))
+        statement = self._insert
         rows = [event.row() for event in events]
 
         async def store(session: AsyncSession) -> tuple[dict[Key, int], dict[Key, int]]:
