@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import json
+import logging
 import os
 import re
 import signal
@@ -319,3 +321,20 @@ async def test_the_supervisor_gives_up_on_workers_that_keep_dying(slack, workflo
     assert result.returncode == 1, result.stderr
     assert re.search(r"stopped all workers: worker \d died within 10 s of starting 5 times in a row "
                      r"\(last: exited with status \d+\)", result.stderr), result.stderr[-3000:]
+
+
+def test_a_workers_log_lines_say_which_worker_wrote_them():
+    from bot.cli.common import name_the_worker
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    root.addHandler(handler)
+    formatters = {other: other.formatter for other in root.handlers}
+    try:
+        name_the_worker(3)
+        record = logging.LogRecord("bot.engine.worker", logging.WARNING, __file__, 1, "lease lost", None, None)
+        assert re.search(r" WARNING worker 3 bot\.engine\.worker: lease lost$", handler.format(record))
+    finally:
+        root.removeHandler(handler)
+        for other, formatter in formatters.items():
+            other.setFormatter(formatter)

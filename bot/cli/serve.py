@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from bot.cli.common import name_the_worker
 from bot.errors import ConfigError
 from bot.settings import Settings
 
@@ -71,6 +72,7 @@ def serve(settings: Settings, *, socket_mode: bool, worker_index: int | None) ->
     app = create_app(settings, socket_mode=socket_mode)
     if worker_index is not None:
         app.cleanup_ctx.append(stop_with_the_supervisor(os.getppid()))
+        name_the_worker(worker_index)
     tune_garbage_collector()
     slack_door = "Slack over Socket Mode" if socket_mode else "Slack requests at /slack/events"
     who = "relaybot" if worker_index is None else f"relaybot worker {worker_index} (pid {os.getpid()})"
