@@ -44,10 +44,7 @@ def loads(text: str | bytes) -> Any:
 
 def dumps(value: Any) -> str:
     """`json.dumps`, faster (compact, UTF-8)."""
-    try:
-        return orjson.dumps(value, option=_STRICT).decode()
-    except TypeError:
-        return json.dumps(value, separators=(",", ":"))
+    return dumps_bytes(value).decode()
 
 
 def dumps_bytes(value: Any) -> bytes:
