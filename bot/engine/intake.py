@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -151,6 +151,14 @@ _EVENTS = cast(Table, Event.__table__)
 _CLAIM_EVENTS = (update(_EVENTS)
                  .where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)), _EVENTS.c.processed_at.is_(None))
                  .values(processed_at=bindparam("now")).returning(_EVENTS.c.id))
+
+
+def pending_events(limit: int, *, skip_locked: bool) -> Select[Event]:
+    """The oldest events still waiting to become runs (walks the partial index `ix_events_pending`)."""
+    query = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(limit)
+    return query.with_for_update(skip_locked=True) if skip_locked else query
+
+
 _SUBSCRIPTIONS_OF_TEAMS = (select(Subscription).where(Subscription.team_id.in_(bindparam("teams", expanding=True)))
                            .order_by(Subscription.id))
 
@@ -180,8 +188,8 @@ class Intake:
         self.metrics = metrics
         self.batch_size = batch_size
         self._stored_versions: set[str] = set()
-        self._pending = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(batch_size)
-        self._pending_locked = self._pending.with_for_update(skip_locked=True)
+        self._pending = pending_events(batch_size, skip_locked=False)
+        self._pending_locked = pending_events(batch_size, skip_locked=True)
 
     async def process_batch(self) -> Batch:
         """Turn up to `batch_size` pending events into runs.

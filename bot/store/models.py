@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -148,7 +149,11 @@ class Event(Base):
     pruned_at: Mapped[datetime | None]
     __table_args__ = (
         UniqueConstraint("team_id", "source", "delivery_id"),
-        Index("ix_events_pending", "processed_at", "id"),
+        # Only events still waiting to become runs, in id order: the intake's `ORDER BY id LIMIT n` walks it and
+        # stops, however many events are stored or pending. A full (processed_at, id) index led PostgreSQL to
+        # read and sort every pending event for each batch during a burst.
+        Index("ix_events_pending", "id", postgresql_where=text("processed_at IS NULL"),
+              sqlite_where=text("processed_at IS NULL")),
     )
 
 
