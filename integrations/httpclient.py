@@ -190,7 +190,10 @@ class HttpClient:
             # No DNS cache: every connection resolves (and is checked) afresh, so a name cannot be checked
             # while it points at a public address and used once it points at a private one.
             connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.guard), limit=100, use_dns_cache=False)
-            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent})
+            # No cookie jar: one client serves every workspace's steps, so a cookie that one step's server set
+            # would otherwise ride along on another workspace's request to that host.
+            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent},
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def close(self) -> None:

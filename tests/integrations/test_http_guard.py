@@ -130,6 +130,24 @@ async def test_same_origin_redirects_keep_credentials(http, target):
     assert (new.path, new.method, new.body, new.headers["Authorization"]) == ("/new", "PUT", b"payload", "Token x")
 
 
+async def test_a_cookie_one_server_sets_is_never_sent_again(target):
+    """One client serves every workspace's steps: a session cookie that one step's server set must not ride
+    along on the next request to that host, which may be another workspace's. (By name: a cookie jar keeps
+    no cookies of bare IP addresses.)"""
+    client = HttpClient(allow=["localhost"], timeout=5.0)
+    url = target.url.replace("127.0.0.1", "localhost")
+    target.queue("/login", Reply(headers={"Set-Cookie": "session=workspace-a; Path=/"}))
+    try:
+        await client.request("POST", f"{url}/login")
+        await client.request("GET", f"{url}/data")
+        await client.request("GET", f"{url}/data", headers={"Cookie": "chosen=by-the-workflow"})
+    finally:
+        await client.close()
+    _, plain, explicit = target.received
+    assert "Cookie" not in plain.headers
+    assert explicit.headers["Cookie"] == "chosen=by-the-workflow"
+
+
 async def test_too_many_redirects_are_refused(http, target):
     target.queue("/loop", *[Reply(status=302, body="", headers={"Location": "/loop"}) for _ in range(10)])
     with pytest.raises(BlockedAddress, match="more than 5 redirects"):
