@@ -278,13 +278,39 @@ async def test_two_workers_share_one_port_and_the_supervisor_replaces_a_killed_o
         await asyncio.sleep(1.0)  # a card posted twice would show by now
         assert len(cards()) == 60 and set(cards().values()) == {1}, cards().most_common(3)
 
+        # `GET /metrics` adds up every worker's values, the killed one's included, whichever worker answers.
+        for _ in range(8):
+            samples = await scrape(supervisor.url)
+            assert sum(value for name, value in samples if name.startswith("relaybot_events_received_total")) == 60
+            assert [value for name, value in samples if name == "relaybot_inbox_depth"] == [0.0]
+        said = "keep their metrics in "
+        metrics_dir = next(Path(line.split(said, 1)[1].strip()) for line in log.read_text().splitlines()
+                           if said in line)
+        assert metrics_dir.is_dir()
+
         # SIGTERM to the supervisor: every worker stops, and so does it, cleanly.
         supervisor.process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(supervisor.process.wait, 30) == 0, log.read_text()
         assert all(gone(pid) for pid in replaced.values())
         assert "all 2 workers stopped" in log.read_text()
+        assert not metrics_dir.exists(), "the supervisor removes the workers' metrics directory"
     finally:
         supervisor.stop()
+
+
+async def scrape(url: str) -> list[tuple[str, float]]:
+    """`GET /metrics` on a connection of its own (which the kernel gives either worker): its samples."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        text_body = await response.text()
+    samples = []
+    for line in text_body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples.append((name, float(value)))
+    return samples
 
 
 async def test_workers_stop_by_themselves_when_their_supervisor_is_killed(slack, workflows, tmp_path):

@@ -17,6 +17,9 @@ Workers run in their own process group, so a Ctrl-C in the terminal reaches them
 supervisor (aiohttp's shutdown does not survive a second signal well); each worker also stops by itself when
 its supervisor disappears (`watch_supervisor`), so a supervisor killed with SIGKILL leaves no worker holding
 the port.
+
+The workers also share a private directory for their metrics (see `bot.metrics`), so `GET /metrics` answers the
+same totals whichever worker takes the connection; the supervisor removes it when it stops.
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+
+from bot.metrics import SHARED_DIR_VARIABLE
 
 log = logging.getLogger("relaybot.workers")
 
@@ -60,17 +67,22 @@ class Supervisor:
     stop_grace: float = STOP_GRACE
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _failure: str | None = None
+    _environment: dict[str, str] = field(default_factory=dict)
 
     async def run(self) -> int:
         """Start the workers and keep them running until a signal or too many quick deaths; the exit status."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        metrics_dir = tempfile.mkdtemp(prefix="relaybot-metrics-")  # fresh: values of an earlier run must not count
+        self._environment = {**os.environ, SHARED_DIR_VARIABLE: metrics_dir}
+        log.info("relaybot: the workers keep their metrics in %s", metrics_dir)
         try:
             statuses = await asyncio.gather(*(self._keep_running(index) for index in range(self.count)))
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         if self._failure is not None:
             log.error("relaybot: stopped all workers: %s", self._failure)
             return 1
@@ -95,7 +107,7 @@ class Supervisor:
             while not self._stopping.is_set():
                 started = time.monotonic()
                 process = await asyncio.create_subprocess_exec(*worker_command(index, port=self.port),
-                                                               process_group=0)
+                                                               process_group=0, env=self._environment)
                 log.info("relaybot: worker %d started, pid %d", index, process.pid)
                 exited = asyncio.create_task(process.wait())
                 await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
