@@ -90,6 +90,20 @@ def table(systems: list[tuple[str, dict[int, dict[str, Any]], float | None]]) ->
     return lines
 
 
+def machine_ceiling(one_process: dict[str, Any], level: int, cards_per_s: float) -> str:
+    """What the machine could post at all if every core were busy at the one-process run's CPU per card (the
+    bots', PostgreSQL's, the fake Slack's and the load generator's together): no number of processes on this
+    machine can beat that ratio, however well they share the work."""
+    machine_ms = [row["cpu_ms_per_card"]["machine"] for row in one_process.get("levels") or []
+                  if row["conns"] == level and row.get("cpu_ms_per_card", {}).get("machine")]
+    cores = (one_process.get("host") or {}).get("nproc")
+    if not machine_ms or not cores or not cards_per_s:
+        return ""
+    ceiling = 1000.0 * cores / statistics.fmean(machine_ms)
+    return (f"; this machine's ceiling at the 1-process run's {statistics.fmean(machine_ms):.2f} ms of CPU per "
+            f"card ({cores} cores all busy): {ceiling:.0f} cards/s = {ceiling / cards_per_s:.2f}×")
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a " if ok is None else ("PASS" if ok else "FAIL")
 
@@ -205,7 +219,8 @@ def main() -> int:
             a, b = one[level]["cards_per_s_sustained"], two[level]["cards_per_s_sustained"]
             ratio = b / a if a else None
             checks.append((f"PostgreSQL: 2 processes ≥ {TARGET_PG_RATIO:g}× 1 process cards/s ({level} conns)",
-                           f"{b:.1f} vs {a:.1f} → {fmt(ratio, 2)}×, missing {two[level]['missing']}",
+                           f"{b:.1f} vs {a:.1f} → {fmt(ratio, 2)}×, missing {two[level]['missing']}"
+                           + machine_ceiling(pg1, level, a),
                            None if ratio is None else ratio >= TARGET_PG_RATIO and two[level]["missing"] == 0))
     elif args.pg_error:
         tail = Path(args.pg_error).read_text(errors="replace").strip().splitlines()[-3:]

@@ -481,10 +481,54 @@ def print_levels(label: str, rows: list[dict[str, Any]]) -> None:
                   _fmt(r["drain_s"], 2), _fmt(r["cpu_pct"], 0), _fmt(r["slack_cpu_pct"], 0),
                   _fmt(r["busy_pct"], 0), _fmt(r["rss_after_mb"], 0))
         print(" ".join(f"{v!s:>9}" for v in values))
+    print("   CPU per card, ms, from the window's start to the last card (drain included): "
+          + "; ".join(f"c={r['conns']}: " + ", ".join(f"{part} {ms:.2f}" for part, ms in r["cpu_ms_per_card"].items())
+                      for r in rows if "cpu_ms_per_card" in r))
+    for r in rows:
+        machine_ms = r.get("cpu_ms_per_card", {}).get("machine")
+        if machine_ms and r["cards_per_s_sustained"]:
+            ceiling = 1000.0 * (os.cpu_count() or 1) / machine_ms
+            print(f"   c={r['conns']}: with every core busy at this CPU per card the machine would post at most "
+                  f"{ceiling:.0f} cards/s, {ceiling / r['cards_per_s_sustained']:.2f}× this run's sustained rate")
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _postgres_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as comm:
+                if comm.read().strip() == "postgres":
+                    pids.append(int(entry))
+    return pids
+
+
+def cpu_by_part(session: Session, loadgen: ModuleType) -> dict[str, float]:
+    """CPU seconds used so far by each part of the set-up. `load`: this process (probes) and its finished
+    children (every wrk run); `postgres`: every `postgres` process (backends come and go with connections, so
+    one that exits inside a window is missed)."""
+    own = os.times()
+    with open("/proc/stat") as f:
+        jiffies = [int(x) for x in f.readline().split()[1:]]
+    ticks = loadgen.CLK_TCK
+    return {
+        "relaybot": loadgen.cpu_ticks(loadgen.tree(session.bot_pids[0])) / ticks,
+        "postgres": loadgen.cpu_ticks(_postgres_pids()) / ticks,
+        "fake_slack": loadgen.cpu_ticks([session.slack_proc.pid]) / ticks if session.slack_proc else 0.0,
+        "load": own.user + own.system + own.children_user + own.children_system,
+        "machine": (sum(jiffies) - jiffies[3] - jiffies[4]) / ticks,  # not idle, not waiting for I/O
+    }
+
+
+def cpu_per_card(start: dict[str, float], end: dict[str, float], cards: int) -> dict[str, float]:
+    """Milliseconds of CPU per card posted, by part, from the start of the measured window to the last card;
+    `rest` is what the machine spent beyond the parts named."""
+    used = {part: end[part] - start[part] for part in start}
+    used["rest"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
+    return {part: round(1000.0 * seconds / max(1, cards), 3) for part, seconds in used.items()}
 
 
 async def run_levels(args: argparse.Namespace, session: Session, loadgen: ModuleType) -> list[dict[str, Any]]:
@@ -497,16 +541,31 @@ async def run_levels(args: argparse.Namespace, session: Session, loadgen: Module
         lua=str(HERE / "pr_opened_auth.lua"), body=str(Path(args.harness) / "pr_opened.json"), wrk=args.wrk)
     body_tmpl = read_json(options.body)
     rows = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        for rep in range(1, args.repeats + 1):
-            for conns in args.levels:
-                row = await loadgen.one_level(options, http, body_tmpl, conns, rep)
-                summary = level_summary(row)
-                summary["raw"] = {k: v for k, v in row.items() if k != "raw"}
-                rows.append(summary)
-                log(f"c={conns}: {summary['accepted_rps']} accepted/s p99 {summary['accept_p99_ms']} ms, "
-                    f"e2e p50/p99 {summary['e2e_p50_ms']}/{summary['e2e_p99_ms']} ms, "
-                    f"{summary['cards_per_s_sustained']} cards/s sustained, missing {summary['missing']}")
+    # The measured window starts at loadgen's first machine_ticks() of a level (after its warm-up).
+    window: dict[str, dict[str, float]] = {}
+    machine_ticks = loadgen.machine_ticks
+
+    def machine_ticks_marking_the_start() -> tuple[int, int]:
+        window.setdefault("start", cpu_by_part(session, loadgen))
+        return machine_ticks()
+
+    loadgen.machine_ticks = machine_ticks_marking_the_start
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            for rep in range(1, args.repeats + 1):
+                for conns in args.levels:
+                    window.clear()
+                    row = await loadgen.one_level(options, http, body_tmpl, conns, rep)
+                    end = cpu_by_part(session, loadgen)  # one_level returns after the last card and a quiet spell
+                    summary = level_summary(row)
+                    summary["cpu_ms_per_card"] = cpu_per_card(window["start"], end, row["msgs_total"])
+                    summary["raw"] = {k: v for k, v in row.items() if k != "raw"}
+                    rows.append(summary)
+                    log(f"c={conns}: {summary['accepted_rps']} accepted/s p99 {summary['accept_p99_ms']} ms, "
+                        f"e2e p50/p99 {summary['e2e_p50_ms']}/{summary['e2e_p99_ms']} ms, "
+                        f"{summary['cards_per_s_sustained']} cards/s sustained, missing {summary['missing']}")
+    finally:
+        loadgen.machine_ticks = machine_ticks
     return rows
 
 
