@@ -496,27 +496,36 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _postgres_pids() -> list[int]:
-    pids = []
+def _postgres_ticks() -> int:
+    """CPU ticks of every `postgres` process so far, backends that exited included: the server's main process
+    reaps them, and their time is added to its own children's time."""
+    total = 0
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/comm") as comm:
-                if comm.read().strip() == "postgres":
-                    pids.append(int(entry))
-    return pids
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/comm") as comm:
+                if comm.read().strip() != "postgres":
+                    continue
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+            with open(f"/proc/{fields[1]}/comm") as parent:
+                if parent.read().strip() != "postgres":  # the server's main process
+                    total += int(fields[13]) + int(fields[14])  # cutime + cstime: exited backends
+    return total
 
 
 def cpu_by_part(session: Session, loadgen: ModuleType) -> dict[str, float]:
     """CPU seconds used so far by each part of the set-up. `load`: this process (probes) and its finished
-    children (every wrk run); `postgres`: every `postgres` process (backends come and go with connections, so
-    one that exits inside a window is missed)."""
+    children (every wrk run); `postgres`: every `postgres` process, exited ones included."""
     own = os.times()
     with open("/proc/stat") as f:
         jiffies = [int(x) for x in f.readline().split()[1:]]
     ticks = loadgen.CLK_TCK
     return {
         "relaybot": loadgen.cpu_ticks(loadgen.tree(session.bot_pids[0])) / ticks,
-        "postgres": loadgen.cpu_ticks(_postgres_pids()) / ticks,
+        "postgres": _postgres_ticks() / ticks,
         "fake_slack": loadgen.cpu_ticks([session.slack_proc.pid]) / ticks if session.slack_proc else 0.0,
         "load": own.user + own.system + own.children_user + own.children_system,
         "machine": (sum(jiffies) - jiffies[3] - jiffies[4]) / ticks,  # not idle, not waiting for I/O

@@ -21,7 +21,7 @@ SHARED_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 class Metrics:
     def __init__(self) -> None:
-        # Set only by the `--workers` supervisor; prometheus_client itself decides by it how values are kept.
+        # The `--workers` supervisor sets it for its workers; prometheus_client decides by it how values are kept.
         self.shared_dir = os.environ.get(SHARED_DIR_VARIABLE) or None
         self.registry = CollectorRegistry(auto_describe=True)
         self.events_received = Counter("relaybot_events_received", "Events accepted and stored",

@@ -63,8 +63,8 @@ class SlackApi:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # No cookie jar: the Web API authenticates by token, one session serves every workspace, and the
-            # default jar's per-request work was a quarter of a call's client-side CPU.
+            # No cookie jar: the Web API authenticates by token and one session serves every workspace (the
+            # default jar's work also cost about 40 µs per call on loopback).
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
                                                   cookie_jar=aiohttp.DummyCookieJar())
         return self._session
