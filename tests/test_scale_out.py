@@ -10,6 +10,7 @@ import re
 from collections import Counter
 
 import aiohttp
+import pytest
 from sqlalchemy import func, select
 
 from bot.store.db import Database
@@ -150,3 +151,44 @@ async def test_two_processes_share_the_work_and_survive_a_kill(slack, workflows,
     finally:
         for process in processes:
             process.stop()
+
+
+@pytest.mark.parametrize("database_backend", ["postgresql"], indirect=True)
+async def test_connections_the_database_closed_are_replaced_before_anything_notices(make_bot, workflows, target,
+                                                                                   database_url, caplog):
+    """A failover, a server restart or a proxy's idle timeout closes every pooled connection: the next webhooks
+    are still stored and answered 202 at once, their runs do their work and post their cards, and no transaction
+    fails on a dead connection meanwhile. (Without `pool_pre_ping` the door answered 500 here, and rounds of the
+    engine and the outbox failed.)"""
+    import logging
+
+    import asyncpg
+
+    from tests.conftest import POSTGRES_ADMIN_DSN
+
+    write_work_workflow(workflows, target)
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command("enable work"), "webhook")
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+
+    async def deliver(n: int) -> None:
+        status, _ = await bot.post(url, json.dumps({"n": n}).encode(), {**headers, "X-Request-Id": f"d-{n}"})
+        assert status == 202
+
+    await deliver(0)
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 1, timeout=10)
+    await bot.settle()  # no transaction open: what follows checks out connections that sat in the pool
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        closed = await admin.fetch("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                                   database_url.rsplit("/", 1)[1])
+    finally:
+        await admin.close()
+    assert closed, "the bot had connections open"
+    await asyncio.gather(*(deliver(n) for n in range(1, 6)))  # at once: before a background loop trips over one
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 6, timeout=20)
+    await bot.slack.wait_for(lambda: len([r for r in target.received if r.path.startswith("/work/")]) == 6,
+                             timeout=20)
+    assert sorted(r.path for r in target.received if r.path.startswith("/work/")) == [f"/work/{n}" for n in range(6)]
+    failures = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert failures == []
