@@ -1,7 +1,8 @@
 """Periodic jobs: audit checkpoints to Slack and retention of old run data.
 
 Each job runs once per interval across all processes: a process claims it with a conditional update of its
-`periodic_jobs` row, so two processes never both post a checkpoint or prune at the same time.
+`periodic_jobs` row, so two processes never both post a checkpoint or prune at the same time. A job that could
+not finish within its time (retention with a large backlog) is due again at once instead of after its interval.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -27,13 +29,16 @@ log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = timedelta(hours=1)
 RETENTION_EVERY = timedelta(hours=6)
 CLAIM_FOR = timedelta(minutes=10)
+PRUNE_BATCH = 5000  # runs pruned per transaction
+PRUNE_FOR = 300.0  # seconds one retention job may prune for, well within its claim; the rest goes on at once
 
 
 @dataclass
 class Job:
     name: str
     every: timedelta
-    work: Callable[[], Awaitable[None]]
+    # False: not finished (more work is left), so the job is due again at once.
+    work: Callable[[], Awaitable[bool]]
 
 
 async def claim(db: Database, *, name: str, every: timedelta, owner: str, force: bool = False) -> bool:
@@ -51,10 +56,11 @@ async def claim(db: Database, *, name: str, every: timedelta, owner: str, force:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def release(db: Database, *, name: str, owner: str) -> None:
+async def release(db: Database, *, name: str, owner: str, finished: bool = True) -> None:
+    """The job is done for now; due again after its interval, or at once if it did not `finish`."""
     async with db.write() as session:
         await session.execute(update(PeriodicJob).where(PeriodicJob.name == name, PeriodicJob.owner == owner)
-                              .values(last_run_at=datetime.now(UTC), running_until=None))
+                              .values(last_run_at=datetime.now(UTC) if finished else None, running_until=None))
 
 
 async def post_checkpoints(db: Database, *, channel: str) -> int:
@@ -75,42 +81,75 @@ async def post_checkpoints(db: Database, *, channel: str) -> int:
     return len(heads)
 
 
-async def prune(db: Database, *, older_than: timedelta) -> dict[str, int]:
-    """Remove the payloads and step outputs of runs that ended before the cutoff; audit records stay."""
+async def prune(db: Database, *, older_than: timedelta, batch_size: int = PRUNE_BATCH) -> dict[str, int]:
+    """Remove the payloads and step outputs of runs that ended before the cutoff; audit records stay. Every
+    such run, in batches of `batch_size` runs, each its own transaction. Runs pruned, by workspace."""
+    pruned, _ = await prune_until(db, older_than=older_than, batch_size=batch_size, until=None)
+    return pruned
+
+
+async def prune_until(db: Database, *, older_than: timedelta, batch_size: int, until: float | None
+                      ) -> tuple[dict[str, int], bool]:
+    """`prune`, oldest runs first, stopping after the batch during which the `time.monotonic()` deadline
+    `until` passed; also whether every old run was done (False: the rest waits for the next call)."""
     now = datetime.now(UTC)
+    pruned: dict[str, int] = {}
+    after: tuple[datetime, str] | None = None
+    while True:
+        batch, after = await _prune_batch(db, now=now, older_than=older_than, batch_size=batch_size, after=after)
+        for team_id, count in batch.items():
+            pruned[team_id] = pruned.get(team_id, 0) + count
+        if after is None:
+            return pruned, True
+        if until is not None and time.monotonic() >= until:
+            return pruned, False
+
+
+async def _prune_batch(db: Database, *, now: datetime, older_than: timedelta, batch_size: int,
+                       after: tuple[datetime, str] | None) -> tuple[dict[str, int], tuple[datetime, str] | None]:
+    """One batch, in one transaction; also where the next batch starts (None: this was the last). A run whose
+    event another run still uses keeps its event until that one ends, and is passed over, not taken again."""
     cutoff = now - older_than
     pruned: dict[str, int] = {}
     async with db.write() as session:
         old_runs = list((await session.execute(
-            select(Run.id, Run.team_id, Run.event_id).join(Event, Event.id == Run.event_id)
-            .where(Run.state.in_(states.FINAL_RUN_STATES), Run.finished_at < cutoff, Event.pruned_at.is_(None))
-            .limit(5000))).all())
+            select(Run.id, Run.team_id, Run.event_id, Run.finished_at).join(Event, Event.id == Run.event_id)
+            .where(Run.state.in_(states.FINAL_RUN_STATES), Run.finished_at < cutoff, Event.pruned_at.is_(None),
+                   *(() if after is None else (tuple_(Run.finished_at, Run.id) > after,)))
+            .order_by(Run.finished_at, Run.id).limit(batch_size))).all())
         if not old_runs:
-            return pruned
+            return pruned, None
         run_ids = [row.id for row in old_runs]
         event_ids = list({row.event_id for row in old_runs})
         # An event can start runs in several channels: it is pruned only when none of them is still going.
         active = set((await session.execute(select(Run.event_id).where(
             Run.event_id.in_(event_ids), Run.state.in_(states.ACTIVE_RUN_STATES)))).scalars())
-        await session.execute(update(Step).where(Step.run_id.in_(run_ids)).values(outputs=None))
-        await session.execute(update(Event).where(Event.id.in_([e for e in event_ids if e not in active]))
-                              .values(payload={}, headers={}, pruned_at=now))
+        done = [event_id for event_id in event_ids if event_id not in active]
+        # With its event go the outputs of all its runs: a run of it in the next batch would not be found again.
+        await session.execute(update(Step).where(or_(
+            Step.run_id.in_(run_ids), Step.run_id.in_(select(Run.id).where(Run.event_id.in_(done))))
+        ).values(outputs=None))
+        await session.execute(update(Event).where(Event.id.in_(done)).values(payload={}, headers={}, pruned_at=now))
         for row in old_runs:
             pruned[row.team_id] = pruned.get(row.team_id, 0) + 1
         for team_id, count in sorted(pruned.items()):
             await audit.append(session, team_id=team_id, actor=Actor.system(), action="retention.pruned",
                                outcome="ok", reason=f"run data older than {older_than.days} days",
                                details={"runs": count, "cutoff": cutoff.isoformat()}, at=now)
-    return pruned
+    last = old_runs[-1]
+    return pruned, (last.finished_at, last.id) if len(old_runs) == batch_size else None
 
 
 class Housekeeping:
     def __init__(self, *, db: Database, owner: str, audit_channel: str | None, retention: timedelta,
-                 on_posted: Callable[[], None], interval: float = 60.0) -> None:
+                 on_posted: Callable[[], None], interval: float = 60.0, prune_batch: int = PRUNE_BATCH,
+                 prune_for: float = PRUNE_FOR) -> None:
         self.db = db
         self.owner = owner
         self.audit_channel = audit_channel
         self.retention = retention
+        self.prune_batch = prune_batch
+        self.prune_for = prune_for
         self.on_posted = on_posted
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
@@ -118,26 +157,31 @@ class Housekeeping:
         if audit_channel:
             self.jobs.append(Job("audit-checkpoint", CHECKPOINT_EVERY, self._checkpoint))
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self) -> bool:
         assert self.audit_channel is not None
         count = await post_checkpoints(self.db, channel=self.audit_channel)
         if count:
             self.on_posted()
+        return True
 
-    async def _retention(self) -> None:
-        pruned = await prune(self.db, older_than=self.retention)
+    async def _retention(self) -> bool:
+        pruned, finished = await prune_until(self.db, older_than=self.retention, batch_size=self.prune_batch,
+                                             until=time.monotonic() + self.prune_for)
         if pruned:
-            log.info("retention: pruned the data of %d runs", sum(pruned.values()))
+            log.info("retention: pruned the data of %d runs%s", sum(pruned.values()),
+                     "" if finished else "; more are left, and pruning goes on at once")
+        return finished
 
     async def run_due(self) -> None:
         for job in self.jobs:
             if await claim(self.db, name=job.name, every=job.every, owner=self.owner):
+                finished = True
                 try:
-                    await job.work()
+                    finished = await job.work()
                 except Exception:
                     log.exception("periodic job %s failed; it will be tried again", job.name)
                 finally:
-                    await release(self.db, name=job.name, owner=self.owner)
+                    await release(self.db, name=job.name, owner=self.owner, finished=finished)
 
     async def _loop(self) -> None:
         while True:

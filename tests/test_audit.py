@@ -15,13 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from bot import audit
-from bot.housekeeping import claim, prune
+from bot.housekeeping import RETENTION_EVERY, Housekeeping, claim, prune
 from bot.store.db import Database
 from bot.store.models import AuditRecord, Event, PeriodicJob, Run, Step
-from tests.conftest import ALICE, BOB, TEAM, buttons, connection_from, write_workflow
+from tests.conftest import ALICE, BOB, BOTH_DATABASES, TEAM, buttons, connection_from, write_workflow
 
 GATE = """
 name: gate
@@ -168,6 +168,43 @@ async def test_retention_prunes_run_data_keeps_the_audit_log_and_records_itself(
     await bot.stop()
     result = relaybot("audit", "verify", database_url=f"sqlite+aiosqlite:///{tmp_path / 'relaybot.db'}")
     assert result.returncode == 0, result.stdout
+
+
+@BOTH_DATABASES
+async def test_retention_gets_through_more_old_runs_than_a_batch_and_goes_on_at_once_when_out_of_time(
+        make_bot, workflows, target):
+    """Pruning took at most 5,000 runs every six hours: a workspace with more runs than that never caught up.
+    Now every batch is its own transaction and a pass goes on until none is left; a pass that runs out of time
+    leaves its job due again at once."""
+    bot = await workload(make_bot, workflows, target, runs=5)
+    db = bot.services.db
+    async with db.write() as session:
+        await session.execute(update(Run).values(finished_at=datetime.now(UTC) - timedelta(days=100)))
+        await session.execute(update(PeriodicJob).values(last_run_at=None))  # the bot's own pass ran at its start
+    keeping = Housekeeping(db=db, owner="test", audit_channel=None, retention=timedelta(days=90),
+                           on_posted=lambda: None, prune_batch=2, prune_for=0.0)  # out of time after a batch
+
+    async def events_pruned() -> int:
+        async with db.read() as session:
+            return int(await session.scalar(select(func.count()).select_from(Event)
+                                             .where(Event.pruned_at.is_not(None))) or 0)
+
+    progress = []
+    for _ in range(4):
+        await keeping.run_due()
+        progress.append(await events_pruned())
+    assert progress == [2, 4, 5, 5], "two runs a pass, each pass due at once until none was left"
+    assert not await claim(db, name="retention", every=RETENTION_EVERY, owner="other"), "then due in six hours"
+    async with db.read() as session:
+        records = list((await session.execute(select(AuditRecord.details).where(
+            AuditRecord.action == "retention.pruned").order_by(AuditRecord.seq))).scalars())
+        outputs = list((await session.execute(select(Step.outputs))).scalars())
+    assert [details["runs"] for details in records] == [2, 2, 1]
+    assert outputs == [None] * len(outputs)
+
+    async with db.write() as session:  # the same backlog, pruned without a time limit: one call does it all
+        await session.execute(update(Event).values(pruned_at=None))
+    assert await prune(db, older_than=timedelta(days=90), batch_size=2) == {TEAM: 5}
 
 
 APPENDER = textwrap.dedent("""
