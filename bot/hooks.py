@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from bot.crypto import Keyring
 from bot.engine.pacing import DoorFirst
@@ -101,14 +101,13 @@ class WebhookDoor:
         self.cache.put(connection_id, known)
         return known
 
-    async def _recent_duplicate(self, team_id: str, source: str, content_hash: str, window: float) -> int | None:
-        """The id of an event with the same content hash received within `window` seconds, if any."""
-        since = datetime.now(UTC) - timedelta(seconds=window)
+    async def _recent_duplicate(self, team_id: str, source: str, delivery_ids: list[str], window: float
+                                ) -> int | None:
+        """The id of an event stored under one of `delivery_ids` within the last `window` seconds, if any."""
         async with self.db.read() as session:
-            return (await session.execute(
-                select(Event.id).where(Event.team_id == team_id, Event.source == source,
-                                       Event.delivery_id.like(f"{content_hash}@%"), Event.received_at >= since)
-                .order_by(Event.id.desc()).limit(1))).scalar_one_or_none()
+            return (await session.execute(recent_duplicate(team_id=team_id, source=source, delivery_ids=delivery_ids,
+                                                           since=datetime.now(UTC) - timedelta(seconds=window))
+                                          )).scalar_one_or_none()
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         if request.content_length is not None and request.content_length > self.max_body:
@@ -160,12 +159,15 @@ class WebhookDoor:
             return _json_error(400, str(exc))
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
         if parsed.dedupe_window is not None and parsed.delivery_id:
-            earlier = await self._recent_duplicate(known.team_id, known.integration, parsed.delivery_id,
+            # A content hash is a duplicate only within the window: it is stored with the window-long slice of
+            # time it came in, and the same hash is looked up in this slice and the one before.
+            current, before = content_deliveries(parsed.delivery_id, parsed.dedupe_window, time.time())
+            earlier = await self._recent_duplicate(known.team_id, known.integration, [current, before],
                                                    parsed.dedupe_window)
             if earlier is not None:
                 self.metrics.events_duplicate.labels(source=known.integration).inc()
                 return web.json_response({"ok": True, "event": earlier, "duplicate": True}, status=202)
-            delivery = f"{parsed.delivery_id}@{int(time.time())}"
+            delivery = current
         stored = await self.inbox.store(NewEvent(
             team_id=known.team_id, source=known.integration, delivery_id=delivery[:200], kind=parsed.kind[:200],
             payload=parsed.payload, received_at=datetime.now(UTC), summary=parsed.summary[:1000],
@@ -178,6 +180,21 @@ class WebhookDoor:
             self.on_stored()  # type: ignore[operator]
         return web.json_response({"ok": True, "event": stored.event_id, "duplicate": stored.duplicate},
                                  status=202)
+
+
+def content_deliveries(content_hash: str, window: float, now: float) -> tuple[str, str]:
+    """The delivery ids of a content hash in the current slice of time `window` seconds long and in the slice
+    before. Two identical notifications in one slice share an id, so the inbox's unique key keeps only one even
+    when both arrive at once (the two peers of an Alertmanager HA pair); and the lookup is by exact ids, which
+    the unique index answers at once however many events are stored."""
+    slice_ = int(now // window)
+    return f"{content_hash}@{slice_}", f"{content_hash}@{slice_ - 1}"
+
+
+def recent_duplicate(*, team_id: str, source: str, delivery_ids: list[str], since: datetime) -> Select[int]:
+    return (select(Event.id).where(Event.team_id == team_id, Event.source == source,
+                                   Event.delivery_id.in_(delivery_ids), Event.received_at >= since)
+            .order_by(Event.id.desc()).limit(1))
 
 
 def _fallback_delivery(integration: str, body: bytes) -> str:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from bot.engine.pacing import DoorFirst
+from bot.hooks import content_deliveries
 from bot.store.models import Event
 from integrations.base import IncomingWebhook
 from integrations.webhook import Webhook, standard_webhooks_signature
@@ -221,3 +222,9 @@ async def test_the_inbox_depth_and_the_backlog_limit(make_bot, workflows):
     async with bot.http().get(f"{bot.url}/metrics") as response:
         metrics = await response.text()
     assert 'relaybot_events_rejected_total{reason="backlog",source="unknown"} 1.0' in metrics
+
+
+def test_a_content_hash_is_stored_with_its_slice_of_time_and_looked_up_in_that_slice_and_the_one_before():
+    assert content_deliveries("am-1", 300.0, 600.0) == ("am-1@2", "am-1@1")
+    assert content_deliveries("am-1", 300.0, 899.9) == ("am-1@2", "am-1@1")  # the same slice: the same id
+    assert content_deliveries("am-1", 300.0, 900.0) == ("am-1@3", "am-1@2")  # the next: the last one is looked at

@@ -4,6 +4,7 @@ has a summary naming the repository, project, service or alert; a one-byte chang
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -243,6 +244,20 @@ async def test_an_identical_alertmanager_notification_within_five_minutes_is_a_d
     await bot.slack.wait_for(lambda: len(bot.cards()) >= 2, timeout=20)
     await bot.settle()
     assert len(bot.cards()) == 2 and await count(bot, Run) == 2
+
+
+async def test_the_two_peers_of_an_alertmanager_pair_sending_at_the_same_moment_start_one_run(make_bot, workflows):
+    write_workflow(workflows, "alert-corpus", catch_all("alert-corpus", "alertmanager"))
+    bot = await make_bot()
+    url, secret = await enable(bot, "alert-corpus")
+    firing = json.loads((CORPORA / "alertmanager/firing.json").read_text())
+    peers = [{**firing, "externalURL": f"http://alertmanager-{peer}.example.com:9093"} for peer in range(2)]
+    answers = await asyncio.gather(*(bot.post(url, dumps(body), alertmanager_headers(secret)) for body in peers))
+    assert [status for status, _ in answers] == [202, 202]
+    assert sorted(bool(answer.get("duplicate")) for _, answer in answers) == [False, True]
+    await bot.slack.wait_for(lambda: len(bot.cards()) >= 1, timeout=20)
+    await bot.settle()
+    assert len(bot.cards()) == 1 and await count(bot, Run) == 1
 
 
 # ------------------------------------------------------------------------------------------------ tampering
