@@ -209,3 +209,68 @@ async def test_the_duplicate_check_of_a_content_hash_looks_up_exact_ids_however_
             assert conditions and all("delivery_id" in line for line in conditions), plan
     finally:
         await db.dispose()
+
+
+async def test_the_home_tab_and_the_active_runs_gauge_read_an_index_range_however_many_runs_are_stored(
+        database_url):
+    """The App Home tab is built each time a user opens it, and the runs-active gauge on every scrape. They once
+    grouped or sorted every run the workspace ever had (157 + 71 + 24 ms per opening and 16 ms per scrape at
+    200,000 runs on SQLite); run rows are kept after retention, so that only grew."""
+    from datetime import UTC, datetime, timedelta
+
+    from bot.engine.worker import active_runs_by_state
+    from bot.slack.home import last_runs_query, latest_query, waiting_query
+    from bot.store.models import Run, Step, Subscription, WorkflowVersion
+
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    now = datetime.now(UTC)
+    workflows = [f"wf{index}" for index in range(5)]
+    try:
+        async with db.write() as session:
+            session.add(WorkflowVersion(hash="h" * 64, name="wf", path="wf.yml", source="", created_at=now))
+            await session.flush()
+            await session.execute(insert(Event), [
+                {"team_id": "T1", "source": "webhook", "delivery_id": f"d{index}", "kind": "webhook", "payload": {},
+                 "headers": {}, "received_at": now, "actionable": True, "processed_at": now}
+                for index in range(3000)])
+            event_ids = (await session.execute(select(Event.id).order_by(Event.id))).scalars().all()
+            await session.execute(insert(Run), [
+                {"id": f"r{index:05d}", "team_id": "T1", "event_id": event_id, "workflow": workflows[index % 5],
+                 "workflow_hash": "h" * 64, "channel_id": f"C{index % 3}",
+                 "state": "waiting" if index % 500 == 0 else "succeeded", "title": "", "context": {}, "card": {},
+                 "created_at": now - timedelta(seconds=3000 - index)} for index, event_id in enumerate(event_ids)])
+            await session.execute(insert(Subscription), [
+                {"team_id": "T1", "channel_id": f"C{channel}", "workflow": workflow, "params": {}, "created_by": "U1",
+                 "created_at": now} for workflow in workflows for channel in range(3)])
+            subscription_ids = (await session.execute(select(Subscription.id))).scalars().all()
+            await session.execute(insert(Step), [
+                {"run_id": f"r{index:05d}", "team_id": "T1", "position": 0, "step_id": "s", "title": "s",
+                 "state": "waiting" if index % 500 == 0 else "succeeded"} for index in range(3000)])
+        async with db.engine.connect() as connection:
+            await connection.execute(text("ANALYZE"))
+            await connection.commit()
+        async with db.read() as session:
+            if not db.is_sqlite:  # a table this small is cheaper to scan; the plan at scale is what is checked
+                await session.execute(text("SET LOCAL enable_seqscan = off"))
+            queries = {"last runs": last_runs_query("T1", list(subscription_ids)), "waiting": waiting_query("T1"),
+                       "latest": latest_query("T1"), "active gauge": active_runs_by_state()}
+            indexes = {"last runs": "ix_runs_team_workflow", "waiting": "ix_runs_state",
+                       "latest": "ix_runs_team_created", "active gauge": "ix_runs_state"}
+            for name, query in queries.items():
+                plan = await _plan_of(session, query, sqlite=db.is_sqlite)
+                assert indexes[name] in plan and "SCAN runs\n" not in plan + "\n", (name, plan)
+                assert "Seq Scan on runs" not in plan, (name, plan)
+                if name != "waiting":  # that one may sort the workspace's waiting runs it found, nothing more
+                    assert "TEMP B-TREE FOR ORDER BY" not in plan and "Sort Key: runs" not in plan, (name, plan)
+            last = {(run.workflow, run.channel_id): run.id
+                    for run in (await session.execute(queries["last runs"])).scalars()}
+            # Run r02999 is wf4 in C0 (2999 % 5, 2999 % 3); the last of each pair is among the last 15 runs.
+            assert len(last) == 15 and last[("wf4", "C2")] == "r02999" and last[("wf0", "C0")] == "r02985"
+            assert [run.id for run, _ in (await session.execute(queries["waiting"])).all()] == [
+                "r02500", "r02000", "r01500", "r01000", "r00500", "r00000"]
+            assert [run.id for run in (await session.execute(queries["latest"])).scalars()][:2] == ["r02999",
+                                                                                                 "r02998"]
+            assert dict((await session.execute(queries["active gauge"])).all()) == {"waiting": 6}
+    finally:
+        await db.dispose()

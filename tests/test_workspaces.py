@@ -264,6 +264,10 @@ async def test_app_home_shows_waiting_runs_and_decides_from_the_tab(make_bot, wo
     home_text = json.dumps(view)
     assert "Waiting for your approval" in home_text and '"action_id": "approve"' in home_text
     assert "`gate` in <#C0DEPLOYS>" in home_text
+    async with bot.services.db.read() as session:
+        run = (await session.execute(select(Run))).scalar_one()
+    assert f"last run `{run.id}`" in home_text  # the enabled workflow's line
+    assert home_text.count(f"`{run.id}`") == 3  # waiting, enabled workflows, latest runs
     await slack.send_event(TEAM, {"type": "app_home_opened", "user": "U0CAROL01", "tab": "home"})
     slack.add_user(TEAM, "U0CAROL01", "carol")
     await slack.send_event(TEAM, {"type": "app_home_opened", "user": "U0CAROL01", "tab": "home"})

@@ -12,7 +12,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine import states
@@ -25,6 +25,12 @@ from bot.store.db import Database
 from bot.store.models import Event, Run
 
 log = logging.getLogger(__name__)
+
+
+def active_runs_by_state() -> Select[str, int]:
+    """How many runs are not finished yet, by state: read from `ix_runs_state`, not from every run."""
+    return (select(Run.state, func.count()).where(Run.state.in_(sorted(states.ACTIVE_RUN_STATES)))
+            .group_by(Run.state))
 
 
 async def _pending_events(session: AsyncSession) -> int:
@@ -101,8 +107,7 @@ class Engine(WorkLoop):
         """Before a scrape: the inbox's depth and the runs not yet finished, by state."""
         async def read(session: AsyncSession) -> tuple[int, dict[str, int]]:
             pending = await _pending_events(session)
-            active = (await session.execute(select(Run.state, func.count()).where(
-                Run.state.in_(states.ACTIVE_RUN_STATES)).group_by(Run.state))).all()
+            active = (await session.execute(active_runs_by_state())).all()
             return pending, {state: count for state, count in active}
 
         pending, active = await self.db.reading(read)

@@ -16,7 +16,7 @@ from slack_sdk.models.blocks import (
     SectionBlock,
 )
 from slack_sdk.models.views import View
-from sqlalchemy import func, select
+from sqlalchemy import Select, select
 
 from bot.engine import states
 from bot.engine.context import run_url
@@ -47,6 +47,28 @@ async def _may_approve(services: Services, team_id: str, user_id: str, run: Run,
         return False
 
 
+def last_runs_query(team_id: str, subscription_ids: list[int]) -> Select[Run]:
+    """The latest run of each of these subscriptions' workflow in its channel: one index lookup each
+    (`ix_runs_team_workflow`), however many runs the workspace has."""
+    latest = (select(Run.id).where(Run.team_id == team_id, Run.workflow == Subscription.workflow,
+                                   Run.channel_id == Subscription.channel_id)
+              .order_by(Run.created_at.desc()).limit(1).correlate(Subscription).scalar_subquery())
+    return select(Run).where(Run.id.in_(select(latest).where(Subscription.id.in_(subscription_ids))))
+
+
+def waiting_query(team_id: str) -> Select[Run, Step]:
+    """The workspace's runs waiting for a decision, newest first (`ix_runs_state`)."""
+    return (select(Run, Step).join(Step, Step.run_id == Run.id)
+            .where(Run.state == states.WAITING, Run.team_id == team_id,
+                   Step.state.in_([states.STEP_WAITING, states.UNKNOWN]))
+            .order_by(Run.created_at.desc()).limit(50))
+
+
+def latest_query(team_id: str) -> Select[Run]:
+    """The workspace's latest runs (`ix_runs_team_created`)."""
+    return select(Run).where(Run.team_id == team_id).order_by(Run.created_at.desc()).limit(MAX_LATEST)
+
+
 async def build_home(services: Services, *, team_id: str, user_id: str, notice: str | None = None) -> View:
     async with services.db.read() as session:
         subscriptions = list((await session.execute(
@@ -55,20 +77,10 @@ async def build_home(services: Services, *, team_id: str, user_id: str, notice: 
             .limit(MAX_ENABLED))).scalars())
         last_runs: dict[tuple[str, str], Run] = {}
         if subscriptions:
-            latest_ids = select(func.max(Run.created_at).label("at"), Run.workflow, Run.channel_id).where(
-                Run.team_id == team_id).group_by(Run.workflow, Run.channel_id).subquery()
-            rows = await session.execute(select(Run).join(latest_ids, (Run.workflow == latest_ids.c.workflow)
-                                                           & (Run.channel_id == latest_ids.c.channel_id)
-                                                           & (Run.created_at == latest_ids.c.at))
-                                         .where(Run.team_id == team_id))
+            rows = await session.execute(last_runs_query(team_id, [s.id for s in subscriptions]))
             last_runs = {(run.workflow, run.channel_id): run for run in rows.scalars()}
-        waiting_rows = list((await session.execute(
-            select(Run, Step).join(Step, Step.run_id == Run.id)
-            .where(Run.team_id == team_id, Run.state == states.WAITING,
-                   Step.state.in_([states.STEP_WAITING, states.UNKNOWN]))
-            .order_by(Run.created_at.desc()).limit(50))).all())
-        latest = list((await session.execute(select(Run).where(Run.team_id == team_id)
-                                             .order_by(Run.created_at.desc()).limit(MAX_LATEST))).scalars())
+        waiting_rows = list((await session.execute(waiting_query(team_id))).all())
+        latest = list((await session.execute(latest_query(team_id))).scalars())
 
     blocks: list[Block | dict[str, Any]] = [HeaderBlock(text=PlainTextObject(text="relaybot"))]
     if notice:

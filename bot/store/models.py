@@ -198,6 +198,10 @@ class Run(Base):
         Index("ix_runs_due", "wake_at"),
         Index("ix_runs_team_channel", "team_id", "channel_id", "created_at"),
         Index("ix_runs_concurrency", "concurrency_key", "state"),
+        # The App Home tab and the runs-active gauge; without them each read every run the workspace ever had.
+        Index("ix_runs_state", "state", "team_id", "created_at"),
+        Index("ix_runs_team_created", "team_id", "created_at"),
+        Index("ix_runs_team_workflow", "team_id", "workflow", "channel_id", "created_at"),
     )
 
 
