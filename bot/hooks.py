@@ -28,7 +28,10 @@ from integrations.base import BadPayload, IncomingWebhook, Integration
 from integrations.registry import INTEGRATIONS
 
 log = logging.getLogger(__name__)
-CACHE_SECONDS = 30.0
+# How long another process may still accept a connection's old secret after `/relay connect … rotate`, or its
+# webhooks after it is gone. A new secret is accepted at once everywhere: a signature that the cached secret
+# rejects is checked again against the stored one.
+CACHE_SECONDS = 5.0
 BACKLOG_RETRY_AFTER = 30  # seconds
 
 
@@ -80,9 +83,7 @@ class WebhookDoor:
         self._integrations: dict[str, Integration] = {name: cls() for name, cls in INTEGRATIONS.items()}
 
     async def _lookup(self, connection_id: str) -> _Known | None:
-        known = self.cache.get(connection_id)
-        if known is not None:
-            return known
+        """The connection as stored now (and cached for `CACHE_SECONDS`), or None when it is gone."""
         async with self.db.read() as session:
             row = (await session.execute(
                 select(Connection).join(Workspace, Workspace.team_id == Connection.team_id)
@@ -140,14 +141,24 @@ class WebhookDoor:
         if body is None:
             self.metrics.events_rejected.labels(source="unknown", reason="too_large").inc()
             return _json_error(413, f"the body is larger than {self.max_body} bytes")
-        known = await self._lookup(connection_id)
+        cached = self.cache.get(connection_id)
+        known = cached or await self._lookup(connection_id)
         if known is None:
             self.metrics.events_rejected.labels(source="unknown", reason="unknown_connection").inc()
             return _json_error(404, "unknown connection")
         integration = self._integrations[known.integration]
         incoming = IncomingWebhook(body=body, headers=request.headers, query=request.query,
                                    remote=request.remote)
-        if not integration.verify(secret=known.secret, request=incoming, now=time.time()):
+        verified = integration.verify(secret=known.secret, request=incoming, now=time.time())
+        if not verified and cached is not None:
+            # The secret may have been rotated by another process since it was cached here.
+            stored_now = await self._lookup(connection_id)
+            if stored_now is None:
+                self.cache.forget(connection_id)
+            if stored_now is not None and stored_now.secret != known.secret:
+                known, integration = stored_now, self._integrations[stored_now.integration]
+                verified = integration.verify(secret=known.secret, request=incoming, now=time.time())
+        if not verified:
             self.metrics.events_rejected.labels(source=known.integration, reason="signature").inc()
             log.info("webhook for connection %s (%s) rejected: bad or missing signature", connection_id,
                      known.integration)

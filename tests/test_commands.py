@@ -110,6 +110,20 @@ async def test_connect_shows_the_secret_once_and_rotates(make_bot, workflows, ta
     assert "I don't know the integration `jira`" in await bot.command("connect jira")
 
 
+async def test_a_secret_rotated_by_one_process_is_accepted_at_once_by_another(make_bot, workflows, target):
+    """Each process keeps connection secrets for a few seconds. Another process's rotation must not make it
+    reject the new secret meanwhile: GitHub does not redeliver a webhook that was refused."""
+    first = await deploy_bot(make_bot, workflows, target)
+    url, secret = connection_from(await first.command("connect github"), "github")
+    assert (await first.github(url, secret, {"zen": "x"}, event="ping"))[0] == 202  # now cached by `first`
+    second = await make_bot()  # the same database; Slack now sends the commands to this one
+    rotated = await second.command("connect github rotate")
+    new_secret = rotated.split("connection: `")[1].split("`")[0]
+    assert (await first.github(url, new_secret, {"zen": "y"}, event="ping"))[0] == 202
+    assert (await first.github(url, secret, {"zen": "z"}, event="ping"))[0] == 401  # the new one is cached now
+    assert (await second.github(url.replace(first.url, second.url), secret, {"zen": "z"}, event="ping"))[0] == 401
+
+
 async def test_runs_and_status(make_bot, workflows, target):
     bot = await deploy_bot(make_bot, workflows, target)
     assert await bot.command("runs") == "No runs in this channel yet."
