@@ -28,7 +28,9 @@ secret_text = st.text(alphabet=st.one_of(st.characters(codec="utf-8", exclude_ca
                       min_size=MIN_LENGTH, max_size=80).filter(lambda value: len(value.strip()) >= MIN_LENGTH)
 surrounding = st.text(max_size=40)
 multi_line = st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
-                              min_size=MIN_LENGTH, max_size=40), min_size=2, max_size=5).map("\n".join)
+                              min_size=MIN_LENGTH, max_size=40), min_size=2, max_size=5).map("\n".join).filter(
+    # A line of mostly Unicode spaces (U+2028 …) may strip to less than MIN_LENGTH; one line must be long enough.
+    lambda value: any(len(line.strip()) >= MIN_LENGTH for line in value.split("\n")))
 
 
 def secret_only_base64(prefix: bytes, secret: bytes, suffix: bytes, alphabet: str = "standard") -> tuple[str, str]:
