@@ -6,11 +6,16 @@ import asyncio
 import time
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from bot.store.db import Database
 from bot.store.models import OutboxMessage
 from integrations.base import SlackPoster
+
+
+def newest_pending(lane: str) -> Select[int]:
+    """The newest message of a lane not yet delivered: read through the pending index, not every message sent."""
+    return select(func.max(OutboxMessage.id)).where(OutboxMessage.state == "pending", OutboxMessage.lane == lane)
 
 
 class ThreadInOrder:
@@ -24,9 +29,12 @@ class ThreadInOrder:
         self.patience = patience
 
     async def _earlier_pending(self, up_to: int | None) -> tuple[int | None, int]:
+        """The run's pending messages up to message `up_to` (first call: up to its newest pending one). Only
+        pending messages are looked at, through the pending index: the outbox keeps every message sent."""
         async with self.db.read() as session:
-            newest = await session.scalar(select(func.max(OutboxMessage.id)).where(OutboxMessage.lane == self.run_id))
-            limit = up_to if up_to is not None else newest
+            limit = up_to
+            if limit is None:
+                limit = await session.scalar(newest_pending(self.run_id))
             if limit is None:
                 return None, 0
             pending = await session.scalar(select(func.count()).select_from(OutboxMessage).where(
