@@ -1,4 +1,4 @@
-"""Periodic jobs: audit checkpoints to Slack and retention of old run data.
+"""Periodic jobs: audit checkpoints to Slack and retention of old run data and delivered Slack messages.
 
 Each job runs once per interval across all processes: a process claims it with a conditional update of its
 `periodic_jobs` row, so two processes never both post a checkpoint or prune at the same time. A job that could
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select, tuple_, update
+from sqlalchemy import delete, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -23,13 +23,15 @@ from bot import audit
 from bot.audit import Actor
 from bot.engine import journal, states
 from bot.store.db import Database
-from bot.store.models import AuditHead, Event, PeriodicJob, Run, Step, Workspace
+from bot.store.models import AuditHead, Event, OutboxMessage, PeriodicJob, Run, Step, Workspace
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY = timedelta(hours=1)
 RETENTION_EVERY = timedelta(hours=6)
 CLAIM_FOR = timedelta(minutes=10)
 PRUNE_BATCH = 5000  # runs pruned per transaction
+# Outbox states a message does not leave again.
+DONE_WITH = ("sent", "superseded", "failed")
 PRUNE_FOR = 300.0  # seconds one retention job may prune for, well within its claim; the rest goes on at once
 
 
@@ -140,6 +142,29 @@ async def _prune_batch(db: Database, *, now: datetime, older_than: timedelta, ba
     return pruned, (last.finished_at, last.id) if len(old_runs) == batch_size else None
 
 
+async def forget_delivered(db: Database, *, older_than: timedelta, batch_size: int = PRUNE_BATCH,
+                           until: float | None = None) -> tuple[int, bool]:
+    """Delete the outbox's messages that it finished with (sent, replaced by a later card refresh, or given up
+    on) before the cutoff, oldest first, in batches; pending ones stay whatever their age. Nothing reads them
+    again, and a thread reply's text is run data like a step's outputs. Also whether all were done."""
+    cutoff = datetime.now(UTC) - older_than
+    deleted = 0
+    for state in DONE_WITH:
+        while True:
+            oldest = (select(OutboxMessage.id).where(OutboxMessage.state == state).order_by(OutboxMessage.id)
+                      .limit(batch_size))
+            async with db.write() as session:
+                result = await session.execute(delete(OutboxMessage).where(
+                    OutboxMessage.id.in_(oldest.scalar_subquery()), OutboxMessage.created_at < cutoff))
+            count = int(result.rowcount)  # type: ignore[attr-defined]
+            deleted += count
+            if count < batch_size:  # the batch reached messages newer than the cutoff, or the end
+                break
+            if until is not None and time.monotonic() >= until:
+                return deleted, False
+    return deleted, True
+
+
 class Housekeeping:
     def __init__(self, *, db: Database, owner: str, audit_channel: str | None, retention: timedelta,
                  on_posted: Callable[[], None], interval: float = 60.0, prune_batch: int = PRUNE_BATCH,
@@ -165,10 +190,16 @@ class Housekeeping:
         return True
 
     async def _retention(self) -> bool:
+        until = time.monotonic() + self.prune_for
         pruned, finished = await prune_until(self.db, older_than=self.retention, batch_size=self.prune_batch,
-                                             until=time.monotonic() + self.prune_for)
-        if pruned:
-            log.info("retention: pruned the data of %d runs%s", sum(pruned.values()),
+                                             until=until)
+        forgotten = 0
+        if finished:
+            forgotten, finished = await forget_delivered(self.db, older_than=self.retention,
+                                                         batch_size=self.prune_batch, until=until)
+        if pruned or forgotten:
+            log.info("retention: pruned the data of %d runs and deleted %d delivered Slack messages%s",
+                     sum(pruned.values()), forgotten,
                      "" if finished else "; more are left, and pruning goes on at once")
         return finished
 

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from bot import audit
-from bot.housekeeping import RETENTION_EVERY, Housekeeping, claim, prune
+from bot.housekeeping import RETENTION_EVERY, Housekeeping, claim, forget_delivered, prune
 from bot.store.db import Database
-from bot.store.models import AuditRecord, Event, PeriodicJob, Run, Step
+from bot.store.models import AuditRecord, Event, OutboxMessage, PeriodicJob, Run, Step
 from tests.conftest import ALICE, BOB, BOTH_DATABASES, TEAM, buttons, connection_from, write_workflow
 
 GATE = """
@@ -205,6 +205,34 @@ async def test_retention_gets_through_more_old_runs_than_a_batch_and_goes_on_at_
     async with db.write() as session:  # the same backlog, pruned without a time limit: one call does it all
         await session.execute(update(Event).values(pruned_at=None))
     assert await prune(db, older_than=timedelta(days=90), batch_size=2) == {TEAM: 5}
+
+
+@BOTH_DATABASES
+async def test_retention_deletes_the_slack_messages_the_outbox_is_done_with(make_bot, workflows, target):
+    """The outbox kept every message it ever sent, with its text (a thread reply is run data too), for ever."""
+    bot = await workload(make_bot, workflows, target, runs=3)
+    db = bot.services.db
+    await bot.settle()
+    now = datetime.now(UTC)
+    async with db.write() as session:
+        done = int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
+        await session.execute(update(OutboxMessage).values(created_at=now - timedelta(days=100)))
+        await session.execute(update(OutboxMessage).where(OutboxMessage.id == select(func.min(OutboxMessage.id))
+                                                          .scalar_subquery()).values(state="failed"))
+        waiting = OutboxMessage(team_id=TEAM, channel_id="C0DEPLOYS", run_id=None, lane="C0DEPLOYS", kind="post",
+                                payload={"text": "still to go"}, state="pending", attempts=3,
+                                not_before=now + timedelta(days=1), created_at=now - timedelta(days=100))
+        recent = OutboxMessage(team_id=TEAM, channel_id="C0DEPLOYS", run_id=None, lane="C0DEPLOYS", kind="post",
+                               payload={"text": "sent yesterday"}, state="sent", attempts=0,
+                               not_before=now - timedelta(days=1), created_at=now - timedelta(days=1))
+        session.add_all([waiting, recent])
+    assert done >= 6
+    assert await forget_delivered(db, older_than=timedelta(days=90), batch_size=2, until=0.0) == (2, False)
+    assert await forget_delivered(db, older_than=timedelta(days=90), batch_size=2) == (done - 2, True)
+    async with db.read() as session:
+        left = list((await session.execute(select(OutboxMessage.payload).order_by(OutboxMessage.id))).scalars())
+    assert left == [{"text": "still to go"}, {"text": "sent yesterday"}]
+    assert await forget_delivered(db, older_than=timedelta(days=90)) == (0, True)
 
 
 APPENDER = textwrap.dedent("""
