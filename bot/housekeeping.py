@@ -113,14 +113,17 @@ async def _prune_batch(db: Database, *, now: datetime, older_than: timedelta, ba
     event another run still uses keeps its event until that one ends, and is passed over, not taken again."""
     cutoff = now - older_than
     pruned: dict[str, int] = {}
-    async with db.write() as session:
+    # Found outside the write transaction: the search may read many runs, and on SQLite a write transaction
+    # holds up every other writer (the webhook door) meanwhile. Finished runs do not change any more.
+    async with db.read() as session:
         old_runs = list((await session.execute(
             select(Run.id, Run.team_id, Run.event_id, Run.finished_at).join(Event, Event.id == Run.event_id)
             .where(Run.state.in_(states.FINAL_RUN_STATES), Run.finished_at < cutoff, Event.pruned_at.is_(None),
                    *(() if after is None else (tuple_(Run.finished_at, Run.id) > after,)))
             .order_by(Run.finished_at, Run.id).limit(batch_size))).all())
-        if not old_runs:
-            return pruned, None
+    if not old_runs:
+        return pruned, None
+    async with db.write() as session:
         run_ids = [row.id for row in old_runs]
         event_ids = list({row.event_id for row in old_runs})
         # An event can start runs in several channels: it is pruned only when none of them is still going.
