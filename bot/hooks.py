@@ -155,7 +155,7 @@ class WebhookDoor:
             stored_now = await self._lookup(connection_id)
             if stored_now is None:
                 self.cache.forget(connection_id)
-            if stored_now is not None and stored_now.secret != known.secret:
+            elif stored_now.secret != known.secret:
                 known, integration = stored_now, self._integrations[stored_now.integration]
                 verified = integration.verify(secret=known.secret, request=incoming, now=time.time())
         if not verified:
