@@ -159,10 +159,11 @@ def pending_events(limit: int, *, skip_locked: bool) -> Select[Event]:
     return query.with_for_update(skip_locked=True) if skip_locked else query
 
 
-# PostgreSQL: the planner's choices for the query above, while it runs. Its statistics lag behind a burst (they say
-# a few events are pending when thousands are), and it then preferred a bitmap scan of every pending event and a
-# sort of them all, payloads included, for each batch of 100: seen in a live run, 16-27 MB sorted on disk per
-# batch. Walking `ix_events_pending` in id order is right for any number of pending events.
+# PostgreSQL: the planner's choices for the query above, while it runs. A new database has no statistics yet, and
+# older ones lag behind a burst: either way it may think a few dozen events are pending when thousands are, and it
+# then preferred a bitmap scan of every pending event and a sort of them all, payloads included, for each batch
+# of 100 (seen in a live run: 16-27 MB sorted on disk per batch). Walking `ix_events_pending` in id order is right
+# for any number of pending events.
 _IN_ORDER = text("SELECT current_setting('enable_bitmapscan'), current_setting('enable_sort'), "
                  "set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)")
 _RESTORE = text("SELECT set_config('enable_bitmapscan', :bitmapscan, true), set_config('enable_sort', :sort, true)")
