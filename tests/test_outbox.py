@@ -177,6 +177,10 @@ async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url,
                              lease_owner="other" if leased else None,
                              lease_until=now + timedelta(minutes=1) if leased else None)
 
+    def lanes(session, *, wanted: int, exclude: set[str]):
+        return outbox.Outbox._claimable_lanes(session, now=now, wanted=wanted, exclude=exclude,
+                                              postgres=not db.is_sqlite)
+
     try:
         async with db.write() as session:
             session.add_all([message("postponed", due=now + timedelta(minutes=5)) for _ in range(3)])
@@ -185,13 +189,10 @@ async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url,
             session.add(message("postponed", due=now))  # behind its lane's postponed head
             session.add(message("free-2", due=now))
         async with db.read() as session:
-            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set()) == [
-                "free-1", "free-2"]
-            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=1, exclude={"free-1"}) == [
-                "free-2"]
+            assert await lanes(session, wanted=10, exclude=set()) == ["free-1", "free-2"]
+            assert await lanes(session, wanted=1, exclude={"free-1"}) == ["free-2"]
         monkeypatch.setattr(outbox, "SCAN_ROWS", 100)  # found by reading the oldest messages
         async with db.read() as session:
-            assert await outbox.Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set()) == [
-                "free-1", "free-2"]
+            assert await lanes(session, wanted=10, exclude=set()) == ["free-1", "free-2"]
     finally:
         await db.dispose()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Select, Table, bindparam, select, text, update
+from sqlalchemy import Select, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,6 +33,7 @@ from bot.slack import messages
 from bot.store.db import Database, insert_later, row_of
 from bot.store.inbox import NewEvent
 from bot.store.models import Event, Run, Step, Subscription, WorkflowVersion
+from bot.store.plans import in_index_order
 from integrations.base import ParsedEvent
 from integrations.registry import INTEGRATIONS
 
@@ -154,30 +155,10 @@ _CLAIM_EVENTS = (update(_EVENTS)
 
 
 def pending_events(limit: int, *, skip_locked: bool) -> Select[Event]:
-    """The oldest events still waiting to become runs (walks the partial index `ix_events_pending`)."""
+    """The oldest events still waiting to become runs (walks the partial index `ix_events_pending`; on
+    PostgreSQL inside `in_index_order`)."""
     query = select(Event).where(Event.processed_at.is_(None)).order_by(Event.id).limit(limit)
     return query.with_for_update(skip_locked=True) if skip_locked else query
-
-
-# PostgreSQL: the planner's choices for the query above, while it runs. A new database has no statistics yet, and
-# older ones lag behind a burst: either way it may think a few dozen events are pending when thousands are, and it
-# then preferred a bitmap scan of every pending event and a sort of them all, payloads included, for each batch
-# of 100 (seen in a live run: 16-27 MB sorted on disk per batch). Walking `ix_events_pending` in id order is right
-# for any number of pending events.
-_IN_ORDER = text("SELECT current_setting('enable_bitmapscan'), current_setting('enable_sort'), "
-                 "set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)")
-_RESTORE = text("SELECT set_config('enable_bitmapscan', :bitmapscan, true), set_config('enable_sort', :sort, true)")
-
-
-async def walk_pending_in_order(session: AsyncSession) -> tuple[str, str]:
-    """Make `pending_events` walk its index in order, in this PostgreSQL transaction; what was set before."""
-    row = (await session.execute(_IN_ORDER)).one()
-    return str(row[0]), str(row[1])
-
-
-async def plan_freely(session: AsyncSession, previous: tuple[str, str]) -> None:
-    """Undo `walk_pending_in_order` for the rest of the transaction."""
-    await session.execute(_RESTORE, {"bitmapscan": previous[0], "sort": previous[1]})
 
 
 _SUBSCRIPTIONS_OF_TEAMS = (select(Subscription).where(Subscription.team_id.in_(bindparam("teams", expanding=True)))
@@ -229,12 +210,8 @@ class Intake:
         room = self.outbox.room() if self.outbox is not None else 0
 
         async def plan(session: AsyncSession, *, lock: bool) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
-            if self.db.is_sqlite:
-                events = list((await session.execute(self._pending)).scalars())
-            else:
-                previous = await walk_pending_in_order(session)
+            async with in_index_order(session, postgres=not self.db.is_sqlite):
                 events = list((await session.execute(self._pending_locked if lock else self._pending)).scalars())
-                await plan_freely(session, previous)
             if not events:
                 return [], []
             subscriptions: dict[str, list[Subscription]] = {}

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -38,6 +38,7 @@ from bot.slack.client import NoToken, SlackApi
 from bot.store.batching import GroupCommit
 from bot.store.db import Database, insert_later, take_later
 from bot.store.models import OutboxMessage, Run, Step
+from bot.store.plans import in_index_order
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,16 @@ _MARK_SENT = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("message"))
               .values(state="sent", sent_at=bindparam("now"), result_ts=bindparam("ts")))
 _INSERT_RETURNING_IDS = insert(_OUTBOX).returning(_OUTBOX.c.id)
 _INSERT_RETURNING_IDS_IN_ORDER = insert(_OUTBOX).returning(_OUTBOX.c.id, sort_by_parameter_order=True)
+
+
+def pending_page(*, after: int, now: datetime) -> Select[int, str, bool]:
+    """The next `SCAN_PAGE` pending messages after message `after`, in id order, each with its lane and whether
+    it could be delivered now (walks `ix_outbox_pending`; on PostgreSQL inside `in_index_order`)."""
+    usable = and_(OutboxMessage.not_before <= now,
+                  or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
+    return (select(OutboxMessage.id, OutboxMessage.lane, usable.label("usable"))
+            .where(OutboxMessage.state == "pending", OutboxMessage.id > after)
+            .order_by(OutboxMessage.id).limit(SCAN_PAGE))
 
 
 @dataclass
@@ -193,7 +204,7 @@ class Outbox(WorkLoop):
                 # processes could each claim part of a lane and deliver it out of order, or twice.
                 await session.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
             lanes = await self._claimable_lanes(session, now=now, wanted=min(free, LANES_PER_ROUND),
-                                                exclude=active)
+                                                exclude=active, postgres=not self.db.is_sqlite)
             if not lanes:
                 return [], set(), {}
             # Messages leased by a process that stopped mid-delivery may have reached Slack already.
@@ -218,23 +229,19 @@ class Outbox(WorkLoop):
         return len(lanes)
 
     @staticmethod
-    async def _claimable_lanes(session: AsyncSession, *, now: datetime, wanted: int, exclude: set[Hashable]
-                               ) -> list[str]:
+    async def _claimable_lanes(session: AsyncSession, *, now: datetime, wanted: int, exclude: set[Hashable],
+                               postgres: bool = False) -> list[str]:
         """Lanes whose first pending message is due and leased by nobody, oldest first.
 
         Read from the oldest pending messages (the first one seen of a lane is its head), which costs the same
         however long the queue is; only when those are all held up is every lane's head looked up.
         """
-        usable = and_(OutboxMessage.not_before <= now,
-                      or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
         seen: set[str] = set()
         lanes: list[str] = []
         after, scanned = 0, 0
         while scanned < SCAN_ROWS:
-            page = (await session.execute(
-                select(OutboxMessage.id, OutboxMessage.lane, usable.label("usable"))
-                .where(OutboxMessage.state == "pending", OutboxMessage.id > after)
-                .order_by(OutboxMessage.id).limit(SCAN_PAGE))).all()
+            async with in_index_order(session, postgres=postgres):
+                page = (await session.execute(pending_page(after=after, now=now))).all()
             for message_id, lane, lane_usable in page:
                 after = message_id
                 if lane in seen:
