@@ -239,21 +239,21 @@ class Outbox(WorkLoop):
         seen: set[str] = set()
         lanes: list[str] = []
         after, scanned = 0, 0
-        while scanned < SCAN_ROWS:
-            async with in_index_order(session, postgres=postgres):
+        async with in_index_order(session, postgres=postgres):
+            while scanned < SCAN_ROWS:
                 page = (await session.execute(pending_page(after=after, now=now))).all()
-            for message_id, lane, lane_usable in page:
-                after = message_id
-                if lane in seen:
-                    continue
-                seen.add(lane)
-                if lane_usable and lane not in exclude:
-                    lanes.append(lane)
-                    if len(lanes) == wanted:
-                        return lanes
-            scanned += len(page)
-            if len(page) < SCAN_PAGE:
-                return lanes
+                for message_id, lane, lane_usable in page:
+                    after = message_id
+                    if lane in seen:
+                        continue
+                    seen.add(lane)
+                    if lane_usable and lane not in exclude:
+                        lanes.append(lane)
+                        if len(lanes) == wanted:
+                            return lanes
+                scanned += len(page)
+                if len(page) < SCAN_PAGE:
+                    return lanes
         heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
                  .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
         query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
