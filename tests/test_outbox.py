@@ -191,12 +191,85 @@ async def test_lanes_behind_a_long_held_up_queue_are_still_claimed(database_url,
             session.add(message("postponed", due=now))  # behind its lane's postponed head
             session.add(message("free-2", due=now))
         async with db.read() as session:
-            assert await lanes(session, wanted=10, exclude=set()) == ["free-1", "free-2"]
-            assert await lanes(session, wanted=1, exclude={"free-1"}) == ["free-2"]
+            assert list(await lanes(session, wanted=10, exclude=set())) == ["free-1", "free-2"]
+            assert list(await lanes(session, wanted=1, exclude={"free-1"})) == ["free-2"]
             if not db.is_sqlite:  # the scan's planner settings end with it
                 assert (await session.execute(sql_text("SHOW enable_sort"))).scalar() == "on"
         monkeypatch.setattr(outbox, "SCAN_ROWS", 100)  # found by reading the oldest messages
         async with db.read() as session:
-            assert await lanes(session, wanted=10, exclude=set()) == ["free-1", "free-2"]
+            assert list(await lanes(session, wanted=10, exclude=set())) == ["free-1", "free-2"]
+    finally:
+        await db.dispose()
+
+
+@BOTH_DATABASES
+async def test_two_processes_that_saw_the_same_lanes_never_both_claim_one(database_url):
+    """Lanes are looked for outside the claiming transaction, so two processes often find the same ones. Each
+    lane must still go to one of them, with all its pending messages; and on PostgreSQL, while one process's
+    claim is open, the other skips the lanes it is taking instead of waiting for it."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from bot.metrics import Metrics
+    from bot.slack.client import SlackApi
+    from bot.slack.outbox import Outbox
+    from bot.store import migrate
+    from bot.store.db import Database
+    from bot.store.models import OutboxMessage
+
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    metrics = Metrics()
+    slack = SlackApi(base_url="http://127.0.0.1:9/api/", tokens=None, metrics=metrics)  # never called
+    first, second = (Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=1.0)
+                     for owner in ("first", "second"))
+    now = datetime.now(UTC)
+
+    async def add_lanes(*lanes: str) -> None:
+        async with db.write() as session:
+            session.add_all([OutboxMessage(team_id=TEAM, channel_id=CHANNEL, run_id=None, lane=lane, kind="post",
+                                           payload={}, state="pending", attempts=0, not_before=now,
+                                           created_at=now) for lane in lanes for _ in range(2)])
+
+    async def scan() -> dict[str, int]:
+        async with db.read() as session:
+            return await Outbox._claimable_lanes(session, now=now, wanted=10, exclude=set(),
+                                                 postgres=not db.is_sqlite)
+
+    async def owners() -> dict[str, set[str | None]]:
+        found: dict[str, set[str | None]] = {}
+        async with db.read() as session:
+            for lane, owner in await session.execute(select(OutboxMessage.lane, OutboxMessage.lease_owner)):
+                found.setdefault(lane, set()).add(owner)
+        return found
+
+    try:
+        await add_lanes("a", "b", "c", "d")
+        seen_by_first, seen_by_second = await scan(), await scan()
+        assert list(seen_by_first) == list(seen_by_second) == ["a", "b", "c", "d"]
+        taken = {lane: seen_by_first[lane] for lane in ("a", "c")}
+        lanes, _, deliveries = await db.transaction(lambda session: first._claim(session, heads=taken, now=now))
+        assert lanes == ["a", "c"] and all(len(deliveries[lane].rows) == 2 for lane in lanes)
+        lanes, _, deliveries = await db.transaction(
+            lambda session: second._claim(session, heads=seen_by_second, now=now))
+        assert lanes == ["b", "d"] and all(len(deliveries[lane].rows) == 2 for lane in lanes)
+        assert await owners() == {"a": {"first"}, "b": {"second"}, "c": {"first"}, "d": {"second"}}
+
+        if not db.is_sqlite:  # SQLite's claims cannot overlap: they take its write lock
+            await add_lanes("e", "f")
+            heads = await scan()
+            assert list(heads) == ["e", "f"]
+            async with db.write() as session:
+                lanes, _, _ = await first._claim(session, heads=heads, now=now)
+                assert lanes == ["e", "f"]
+                # Still uncommitted: the second process neither waits for it nor takes its lanes.
+                lanes, _, _ = await asyncio.wait_for(
+                    db.transaction(lambda session: second._claim(session, heads=heads, now=now)), 5)
+                assert lanes == []
+            lanes, _, _ = await db.transaction(lambda session: second._claim(session, heads=heads, now=now))
+            assert lanes == []  # committed now: their heads are leased
+            found = await owners()
+            assert found["e"] == found["f"] == {"first"}
     finally:
         await db.dispose()

@@ -25,8 +25,7 @@ from typing import Any, cast
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import Select, Table, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy import text as sql
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine.journal import CARD, POST, REPLY
@@ -55,9 +54,6 @@ LANES_PER_ROUND = 64
 SCAN_ROWS = 2048  # pending messages read to find lanes to claim, before falling back to every lane's head
 SCAN_PAGE = 256
 
-
-# The PostgreSQL advisory lock key that serializes lane claims (any constant unique to relaybot).
-CLAIM_LOCK = 0x52454C41  # "RELA"
 METADATA_EVENT = "relaybot_message"
 
 
@@ -77,12 +73,16 @@ _INSERT_RETURNING_IDS = insert(_OUTBOX).returning(_OUTBOX.c.id)
 _INSERT_RETURNING_IDS_IN_ORDER = insert(_OUTBOX).returning(_OUTBOX.c.id, sort_by_parameter_order=True)
 
 
+def _deliverable(now: datetime) -> ColumnElement[bool]:
+    """A lane whose first pending message is this one could be claimed now: it is due and nobody's lease."""
+    return and_(OutboxMessage.not_before <= now,
+                or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
+
+
 def pending_page(*, after: int, now: datetime) -> Select[int, str, bool]:
     """The next `SCAN_PAGE` pending messages after message `after`, in id order, each with its lane and whether
     it could be delivered now (walks `ix_outbox_pending`; on PostgreSQL inside `in_index_order`)."""
-    usable = and_(OutboxMessage.not_before <= now,
-                  or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
-    return (select(OutboxMessage.id, OutboxMessage.lane, usable.label("usable"))
+    return (select(OutboxMessage.id, OutboxMessage.lane, _deliverable(now).label("usable"))
             .where(OutboxMessage.state == "pending", OutboxMessage.id > after)
             .order_by(OutboxMessage.id).limit(SCAN_PAGE))
 
@@ -196,28 +196,16 @@ class Outbox(WorkLoop):
             return 0
         holds_until = time.monotonic() + self._holding_time()
         now = datetime.now(UTC)
-        active = set(self._active)
-
-        async def claim(session: AsyncSession) -> tuple[list[str], set[int], dict[str, _Delivery]]:
-            if not self.db.is_sqlite:
-                # One claimer at a time across processes (SQLite's write lock already is one): otherwise two
-                # processes could each claim part of a lane and deliver it out of order, or twice.
-                await session.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
-            lanes = await self._claimable_lanes(session, now=now, wanted=min(free, LANES_PER_ROUND),
-                                                exclude=active, postgres=not self.db.is_sqlite)
-            if not lanes:
-                return [], set(), {}
-            # Messages leased by a process that stopped mid-delivery may have reached Slack already.
-            suspect = set((await session.execute(select(OutboxMessage.id).where(
-                OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending",
-                OutboxMessage.lease_owner.is_not(None)))).scalars())
-            await session.execute(update(OutboxMessage)
-                                  .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
-                                  .values(lease_owner=self.owner, lease_until=now + self.lease))
-            return lanes, suspect, await self._load_lanes(session, lanes)
-
-        lanes, suspect, deliveries = await self.db.transaction(claim)
-        self._look_again = len(lanes) == min(free, LANES_PER_ROUND)
+        wanted = min(free, LANES_PER_ROUND)
+        # Looked for outside the write transaction: on SQLite the door waits for that lock, and on PostgreSQL
+        # other processes' claims would (they once waited 37 ms per claim for one lock held over the scan).
+        heads = await self.db.reading(functools.partial(self._claimable_lanes, now=now, wanted=wanted,
+                                                        exclude=set(self._active),
+                                                        postgres=not self.db.is_sqlite))
+        self._look_again = len(heads) == wanted
+        if not heads:
+            return 0
+        lanes, suspect, deliveries = await self.db.transaction(functools.partial(self._claim, heads=heads, now=now))
         if not lanes:
             return 0
         self._suspect |= suspect
@@ -228,16 +216,45 @@ class Outbox(WorkLoop):
                                                      name=f"outbox-{lane}")
         return len(lanes)
 
+    async def _claim(self, session: AsyncSession, *, heads: dict[str, int], now: datetime
+                     ) -> tuple[list[str], set[int], dict[str, _Delivery]]:
+        """Lease the lanes whose first pending messages `_claimable_lanes` found, except those another process
+        took meanwhile; returns the lanes taken, the ids of messages a stopped process may have posted, and the
+        lanes' messages.
+
+        Every claimer of a lane must lock its first pending message, so two processes cannot both take one
+        (SQLite's write lock already makes claims exclusive). A head being claimed right now is skipped, not
+        waited for; one claimed since the scan fails the check again once its claimer commits, as PostgreSQL
+        re-reads a row changed since the statement began before it locks it. A head that is no longer pending
+        (a stalled deliverer finished it meanwhile) is left for the next round's scan.
+        """
+        still_free = (select(OutboxMessage.lane)
+                      .where(OutboxMessage.id.in_(list(heads.values())), OutboxMessage.state == "pending",
+                             _deliverable(now))
+                      .order_by(OutboxMessage.id).with_for_update(**self.db.skip_locked()))
+        lanes = list((await session.execute(still_free)).scalars())
+        if not lanes:
+            return [], set(), {}
+        # Messages leased by a process that stopped mid-delivery may have reached Slack already.
+        suspect = set((await session.execute(select(OutboxMessage.id).where(
+            OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending",
+            OutboxMessage.lease_owner.is_not(None)))).scalars())
+        await session.execute(update(OutboxMessage)
+                              .where(OutboxMessage.lane.in_(lanes), OutboxMessage.state == "pending")
+                              .values(lease_owner=self.owner, lease_until=now + self.lease))
+        return lanes, suspect, await self._load_lanes(session, lanes)
+
     @staticmethod
     async def _claimable_lanes(session: AsyncSession, *, now: datetime, wanted: int, exclude: set[Hashable],
-                               postgres: bool = False) -> list[str]:
-        """Lanes whose first pending message is due and leased by nobody, oldest first.
+                               postgres: bool = False) -> dict[str, int]:
+        """Lanes whose first pending message is due and leased by nobody, oldest first, each with the id of
+        that message (its head).
 
         Read from the oldest pending messages (the first one seen of a lane is its head), which costs the same
         however long the queue is; only when those are all held up is every lane's head looked up.
         """
         seen: set[str] = set()
-        lanes: list[str] = []
+        lanes: dict[str, int] = {}
         after, scanned = 0, 0
         async with in_index_order(session, postgres=postgres):
             while scanned < SCAN_ROWS:
@@ -248,7 +265,7 @@ class Outbox(WorkLoop):
                         continue
                     seen.add(lane)
                     if lane_usable and lane not in exclude:
-                        lanes.append(lane)
+                        lanes[lane] = message_id
                         if len(lanes) == wanted:
                             return lanes
                 scanned += len(page)
@@ -256,11 +273,10 @@ class Outbox(WorkLoop):
                     return lanes
         heads = (select(OutboxMessage.lane, func.min(OutboxMessage.id).label("head"))
                  .where(OutboxMessage.state == "pending").group_by(OutboxMessage.lane).subquery())
-        query = (select(OutboxMessage.lane).join(heads, and_(OutboxMessage.id == heads.c.head))
-                 .where(OutboxMessage.not_before <= now,
-                        or_(OutboxMessage.lease_until.is_(None), OutboxMessage.lease_until < now))
-                 .order_by(OutboxMessage.id).limit(wanted + len(exclude)))
-        return [lane for lane in (await session.execute(query)).scalars() if lane not in exclude][:wanted]
+        query = (select(OutboxMessage.lane, OutboxMessage.id).join(heads, OutboxMessage.id == heads.c.head)
+                 .where(_deliverable(now)).order_by(OutboxMessage.id).limit(wanted + len(exclude)))
+        found = [(lane, head) for lane, head in (await session.execute(query)).all() if lane not in exclude]
+        return dict(found[:wanted])
 
     async def _load_lanes(self, session: AsyncSession, lanes: list[str]) -> dict[str, _Delivery]:
         """The claimed lanes' messages, with their runs and steps: read once, in the claiming transaction."""
