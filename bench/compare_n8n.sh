@@ -13,11 +13,12 @@
 #   2. relaybot, SQLite, one process: bench/relaybot_bench.py (random loopback ports) — the same levels, plus a
 #      fixed-rate phase (RATE req/s, open loop) and a fresh bot with WAITING runs waiting for approval.
 #   3. (PG=1) relaybot on PostgreSQL (a new database on 127.0.0.1:5432, dropped afterwards), one process and
-#      two processes behind wrk's per-thread round-robin.
+#      two processes behind wrk's per-thread round-robin; PG_PAIRS=N runs that pair N times, one after the
+#      other, and the target is judged on the median of the N ratios (the machine's speed drifts).
 #   4. bench/compare_report.py: the table and the targets.
 #
 # Knobs (env): LEVELS=1,16,64 REPEATS=1 DURATION=20 WARMUP=5 PROBE_RATE=2 RATE=200 RATE_DURATION=20
-#   WAITING=10000 WORKERS=1 PG=0 PG_LEVELS=16,64 SMOKE=0 SKIP_N8N=0 N8N_RESULTS=<results.json of an earlier n8n run>
+#   WAITING=10000 WORKERS=1 PG=0 PG_LEVELS=16,64 PG_PAIRS=1 SMOKE=0 SKIP_N8N=0 N8N_RESULTS=<results.json of an earlier n8n run>
 #   BENCH_ROOT=/tmp/n8nbench N8N_HARNESS=/work/shared/bench/n8n PY=<project venv python> PROFILE=0 SOURCE=<dir>
 set -euo pipefail
 
@@ -35,6 +36,7 @@ RATE_DURATION=${RATE_DURATION:-20}
 WAITING=${WAITING:-10000}
 PG=${PG:-0}
 PG_LEVELS=${PG_LEVELS:-16,64}
+PG_PAIRS=${PG_PAIRS:-1}
 SMOKE=${SMOKE:-0}
 SKIP_N8N=${SKIP_N8N:-0}
 PROFILE=${PROFILE:-0}
@@ -96,18 +98,21 @@ fi
 # ------------------------------------------------------------------ 3. relaybot on PostgreSQL (optional)
 pg_args=()
 if [ "$PG" = 1 ]; then
-  for n in 1 2; do
-    log "relaybot: PostgreSQL, $n process(es) (levels $PG_LEVELS)"
-    if (cd "$ROOT" && "$PY" "$HERE/relaybot_bench.py" --db postgres --processes "$n" --levels "$PG_LEVELS" \
-          "${common[@]}" --rate 0 --label "relaybot-pg$n" --out "$OUT/relaybot-pg$n.json") \
-          2>"$OUT/relaybot-pg$n.err" | tee "$OUT/relaybot-pg$n.out" >&2; then
-      pg_args+=(--pg$n "$OUT/relaybot-pg$n.json")
-    else
-      log "relaybot on PostgreSQL ($n process(es)) FAILED — relaybot does not (yet) run there; the tail of its log:"
-      tail -15 "$OUT/relaybot-pg$n.err" >&2
-      pg_args=(--pg-error "$OUT/relaybot-pg$n.err")
-      break
-    fi
+  for pair in $(seq "$PG_PAIRS"); do
+    for n in 1 2; do
+      log "relaybot: PostgreSQL, $n process(es) (levels $PG_LEVELS, pair $pair of $PG_PAIRS)"
+      name=relaybot-pg$n-$pair
+      if (cd "$ROOT" && "$PY" "$HERE/relaybot_bench.py" --db postgres --processes "$n" --levels "$PG_LEVELS" \
+            "${common[@]}" --rate 0 --label "relaybot-pg$n" --out "$OUT/$name.json") \
+            2>"$OUT/$name.err" | tee "$OUT/$name.out" >&2; then
+        pg_args+=(--pg$n "$OUT/$name.json")
+      else
+        log "relaybot on PostgreSQL ($n process(es)) FAILED — relaybot does not (yet) run there; the tail of its log:"
+        tail -15 "$OUT/$name.err" >&2
+        pg_args=(--pg-error "$OUT/$name.err")
+        break 2
+      fi
+    done
   done
 fi
 
