@@ -226,7 +226,9 @@ class Outbox(WorkLoop):
         (SQLite's write lock already makes claims exclusive). A head being claimed right now is skipped, not
         waited for; one claimed since the scan fails the check again once its claimer commits, as PostgreSQL
         re-reads a row changed since the statement began before it locks it. A head that is no longer pending
-        (a stalled deliverer finished it meanwhile) is left for the next round's scan.
+        (a stalled deliverer finished it meanwhile) is left for the next round's scan. Should two claimers lock
+        different heads of one lane (a message with a smaller id committed between their scans), each then
+        waits for the other's lock: PostgreSQL ends one of the two claims, which is tried again next round.
         """
         still_free = (select(OutboxMessage.lane)
                       .where(OutboxMessage.id.in_(list(heads.values())), OutboxMessage.state == "pending",
