@@ -17,6 +17,7 @@ from bot.engine.expressions import compile_expression, compile_template, compile
 from bot.engine.loader import Catalog, compile_workflow
 from bot.engine.workflow import parse_duration
 from bot.errors import ExpressionError, WorkflowError
+from integrations.registry import ACTIONS
 from tests.conftest import ROOT, SHARED
 
 SPEC_EXAMPLE = (SHARED / "SPEC.md").read_text().split("```yaml")[1].split("```")[0]
@@ -108,13 +109,18 @@ def test_yaml_errors_and_shapes():
     assert problems("name: [unclosed\n")[0].startswith("w.yml:2: not valid YAML")
     assert problems("- just\n- a list\n") == ["w.yml:1: a workflow is a YAML mapping"]
     assert "a workflow needs at least one trigger" in problems("name: x\nsteps: []\n")[0]
-    assert "step id 'a' is used twice" in "\n".join(problems("""
+    assert problems("""
         name: x
         on: webhook
         steps:
           - {id: a, uses: slack.post, with: {text: hi}}
-          - {id: a, uses: slack.post, with: {text: hi}}
-    """))
+          - id: b
+            uses: nope.x
+          - id: a
+            uses: slack.post
+            with: {text: hi}
+    """) == ["w.yml:6: unknown action 'nope.x' (known: " + ", ".join(sorted(ACTIONS)) + ")",
+             "w.yml:7: step id 'a' is used twice"]  # at the repeated id, and the rest is still checked
 
 
 def test_catalog_refuses_duplicate_names(tmp_path: Path):

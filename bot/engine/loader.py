@@ -322,9 +322,14 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     raw_index: list[int] = []  # each valid step's position in the file, for line numbers
     for index, raw_step in enumerate(raw_steps):
         step_model = _validate(checker, Step, raw_step, ("steps", index))
-        if step_model is not None:
-            valid_steps.append(step_model)
-            raw_index.append(index)
+        if step_model is None:
+            continue
+        if any(step.id == step_model.id for step in valid_steps):
+            # Reported at the repeated `id:` and left out, so that the rest of the file is still checked.
+            checker.problem(("steps", index, "id"), f"step id {step_model.id!r} is used twice")
+            continue
+        valid_steps.append(step_model)
+        raw_index.append(index)
     if model is None:
         raise WorkflowError(checker.sorted())
     try:
