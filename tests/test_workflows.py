@@ -78,7 +78,7 @@ def test_every_problem_is_reported_with_its_line():
         "w.yml:5: bad expression: `event.a ==`",
         "w.yml:7: `steps.zzz.outcome`: unknown step id 'zzz'",
         "w.yml:11: http.request has no input 'extra'",
-        "w.yml:11: http.request input 'url'",
+        "w.yml:11: http.request input 'url': 'ftp://x' does not have the expected form: an http or https URL",
         "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown step id 'c'",
         "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown parameter 'nope'",
         "w.yml:14: unknown action 'nope.x'",
@@ -108,6 +108,11 @@ def test_missing_inputs_and_secrets_outside_inputs():
 def test_yaml_errors_and_shapes():
     assert problems("name: [unclosed\n")[0].startswith("w.yml:2: not valid YAML")
     assert problems("- just\n- a list\n") == ["w.yml:1: a workflow is a YAML mapping"]
+    assert problems("name: Deploy API\non: webhook\nsteps: [{id: 2nd, uses: slack.post, with: {text: hi}}]\n") == [
+        "w.yml:1: name: 'Deploy API' does not have the expected form: lowercase letters, digits, - and _, starting "
+        "with a letter or digit, at most 63 characters",
+        "w.yml:3: steps.0.id: '2nd' does not have the expected form: letters, digits and _, not starting with a "
+        "digit, at most 63 characters"]
     assert "a workflow needs at least one trigger" in problems("name: x\nsteps: []\n")[0]
     assert problems("""
         name: x

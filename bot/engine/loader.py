@@ -31,7 +31,7 @@ from bot.engine.expressions import (
     step_references,
 )
 from bot.engine.triggers_config import TRIGGER_CONFIGS
-from bot.engine.workflow import Approvers, Step, Workflow
+from bot.engine.workflow import PATTERN_HELP, Approvers, Step, Workflow
 from bot.errors import ExpressionError, WorkflowError, WorkflowProblem
 from integrations.registry import ACTIONS
 
@@ -234,7 +234,8 @@ def _check_inputs(checker: _Checker, path: Path_, action_name: str, raw: dict[st
             field_type: Any = Annotated[by_key[key].annotation, by_key[key]]
             TypeAdapter(field_type).validate_python(value)
         except ValidationError as exc:
-            checker.problem((*path, key), f"{action_name} input {key!r}: {_first_error(exc)}")
+            checker.problem((*path, key),
+                            f"{action_name} input {key!r}: {_first_error(exc, help=by_key[key].description)}")
     if len(static) == len(raw) and not checker.problems:
         try:
             model.model_validate(raw)
@@ -242,9 +243,18 @@ def _check_inputs(checker: _Checker, path: Path_, action_name: str, raw: dict[st
             checker.problem(path, f"{action_name}: {_first_error(exc)}")
 
 
-def _first_error(exc: ValidationError) -> str:
+def _message(error: Any, *, help: str | None = None) -> str:
+    """pydantic's message, in words where it would show a regular expression."""
+    if error["type"] == "string_pattern_mismatch":
+        help = help or PATTERN_HELP.get(str(error.get("ctx", {}).get("pattern")))
+        if help:
+            return f"{error['input']!r} does not have the expected form: {help}"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _first_error(exc: ValidationError, *, help: str | None = None) -> str:
     error = exc.errors()[0]
-    message = str(error["msg"]).removeprefix("Value error, ")
+    message = _message(error, help=help)
     where = ".".join(str(part) for part in error["loc"])
     return f"{where}: {message}" if where else message
 
@@ -255,7 +265,7 @@ def _validate(checker: _Checker, model: type[BaseModel], data: Any, prefix: Path
     except ValidationError as exc:
         for error in exc.errors():
             loc = (*prefix, *error["loc"])
-            message = str(error["msg"]).removeprefix("Value error, ")
+            message = _message(error)
             if error["type"] == "extra_forbidden":
                 checker.problem(loc, f"unknown key {loc[-1]!r}")
                 continue

@@ -10,6 +10,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 SLUG = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 STEP_ID = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+# What a value that does not match one of the patterns above should look like, in words.
+PATTERN_HELP = {
+    SLUG: "lowercase letters, digits, - and _, starting with a letter or digit, at most 63 characters",
+    STEP_ID: "letters, digits and _, not starting with a digit, at most 63 characters",
+}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 
 
