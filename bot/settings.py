@@ -103,6 +103,19 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://slack.com/api/")
         return value if value.endswith("/") else value + "/"
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """The two databases relaybot runs on, each with its async driver; the plain forms other tools print
+        (`postgres://…`, `postgresql://…`, `sqlite:///…`) are taken to mean the same."""
+        scheme, separator, rest = value.partition("://")
+        if separator and scheme in ("sqlite", "sqlite+aiosqlite"):
+            return f"sqlite+aiosqlite://{rest}"
+        if separator and scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+            return f"postgresql+asyncpg://{rest}"
+        raise ValueError("relaybot runs on SQLite or PostgreSQL: use sqlite+aiosqlite:///path/relaybot.db or "
+                         f"postgresql+asyncpg://user:password@host/database (got a {scheme or 'malformed'!r} URL)")
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import MASTER_KEY
+
 
 def relaybot(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {key: value for key, value in os.environ.items() if not key.startswith(("SLACK_", "RELAYBOT_", "PORT"))}
@@ -52,3 +54,36 @@ def test_broken_workflows_stop_serve_with_every_problem(tmp_path):
                       RELAYBOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/r.db")
     assert result.returncode == 2
     assert f"{tmp_path / 'bad.yml'}:4: unknown action 'nope.x'" in result.stderr
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("postgresql://relaybot:hunter2@127.0.0.1:1/relaybot",  # nothing listens on port 1
+     "cannot open the database postgresql+asyncpg://relaybot:***@127.0.0.1:1/relaybot (RELAYBOT_DATABASE_URL): "
+     "ConnectionRefusedError"),
+    ("sqlite:///{tmp}/no/such/directory/r.db",
+     "cannot open the database sqlite+aiosqlite:///{tmp}/no/such/directory/r.db (RELAYBOT_DATABASE_URL): "
+     "OperationalError: unable to open database file"),
+    ("mysql://relaybot@127.0.0.1/relaybot", "RELAYBOT_DATABASE_URL: relaybot runs on SQLite or PostgreSQL"),
+])
+def test_a_database_that_cannot_be_used_stops_serve_with_one_line(url, expected, tmp_path):
+    result = relaybot("serve", SLACK_SIGNING_SECRET="s", SLACK_BOT_TOKEN="xoxb-1", PORT="0",
+                      RELAYBOT_WORKFLOWS_DIR=str(tmp_path), RELAYBOT_MASTER_KEYS=MASTER_KEY,
+                      RELAYBOT_DATABASE_URL=url.format(tmp=tmp_path))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # no traceback, no "serving on", no password
+    assert lines[0].startswith("relaybot: configuration error: ") and expected.format(tmp=tmp_path) in lines[0]
+    assert "hunter2" not in result.stderr
+
+
+def test_the_database_url_may_be_written_the_way_other_tools_write_it():
+    from bot.settings import load_settings
+
+    def url(value: str) -> str:
+        return load_settings(database_url=value).database_url
+
+    assert url("postgres://u:p@db/relaybot") == "postgresql+asyncpg://u:p@db/relaybot"
+    assert url("postgresql://u:p@db/relaybot") == "postgresql+asyncpg://u:p@db/relaybot"
+    assert url("postgresql+asyncpg://u:p@db/relaybot") == "postgresql+asyncpg://u:p@db/relaybot"
+    assert url("sqlite:///relaybot.db") == "sqlite+aiosqlite:///relaybot.db"
+    assert url("sqlite+aiosqlite:////var/lib/relaybot/r.db") == "sqlite+aiosqlite:////var/lib/relaybot/r.db"

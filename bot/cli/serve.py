@@ -76,8 +76,14 @@ def serve(settings: Settings, *, socket_mode: bool, worker_index: int | None) ->
     tune_garbage_collector()
     slack_door = "Slack over Socket Mode" if socket_mode else "Slack requests at /slack/events"
     who = "relaybot" if worker_index is None else f"relaybot worker {worker_index} (pid {os.getpid()})"
-    print(f"{who} serving on http://{settings.host}:{settings.port} "
-          f"({slack_door}, webhooks at /hooks/<connection>)", file=sys.stderr)
+
+    async def announce(app: Any) -> AsyncIterator[None]:
+        # After the app's own start-up (the database reached, migrations applied), which may stop it instead.
+        print(f"{who} serving on http://{settings.host}:{settings.port} "
+              f"({slack_door}, webhooks at /hooks/<connection>)", file=sys.stderr)
+        yield
+
+    app.cleanup_ctx.append(announce)
     # A worker shares the port with its siblings: the kernel spreads the connections over them.
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None,
                 reuse_port=worker_index is not None)

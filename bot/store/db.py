@@ -38,10 +38,12 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, insert, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
+from bot.errors import ConfigError
 from integrations import jsontext
 
 T = TypeVar("T")
@@ -477,6 +479,19 @@ class Database:
     def skip_locked(self) -> dict[str, Any]:
         """`with_for_update` arguments for claiming rows; SQLite's write lock already makes claims exclusive."""
         return {} if self.is_sqlite else {"skip_locked": True}
+
+    async def check_reachable(self) -> None:
+        """Start-up: one connection, or a `ConfigError` that names the database (its password hidden)."""
+        try:
+            async with self.engine.connect():
+                pass
+        except Exception as exc:  # whatever the driver raises, at connect time it means the same to the user
+            where = make_url(self.url).render_as_string(hide_password=True)
+            # SQLAlchemy wraps the driver's error in its own, with a link to its docs: the driver's says it all.
+            cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+            cause = cause.__cause__ if isinstance(cause.__cause__, Exception) else cause
+            raise ConfigError(f"cannot open the database {where} (RELAYBOT_DATABASE_URL): "
+                              f"{type(cause).__name__}: {cause}") from None
 
     async def ping(self) -> None:
         from sqlalchemy import text

@@ -22,7 +22,9 @@ def alembic_config() -> Config:
 
 
 async def upgrade(db: Database, revision: str = "head") -> None:
-    """Bring the schema to `revision`; a no-op when it is already there."""
+    """Bring the schema to `revision`; a no-op when it is already there. Every start goes through here, so a
+    database that cannot be reached stops it with a `ConfigError` rather than a driver's traceback."""
+    await db.check_reachable()
     config = alembic_config()
 
     def run(sync_connection: Any) -> None:
