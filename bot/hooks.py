@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from sqlalchemy import Select, select
 
 from bot.crypto import Keyring
@@ -111,15 +116,21 @@ class WebhookDoor:
                                           )).scalar_one_or_none()
 
     async def _read_body(self, request: web.Request) -> bytes | None:
+        """The body (decompressed if it came gzip- or deflate-encoded); None when it is larger than allowed.
+        Raises `BadPayload` for a body that does not decompress."""
         if request.content_length is not None and request.content_length > self.max_body:
             return None
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            chunks.append(chunk)
+        try:
+            async for chunk in request.content.iter_chunked(65536):
+                size += len(chunk)
+                if size > self.max_body:
+                    return None
+                chunks.append(chunk)
+        except (RequestPayloadError, HttpProcessingError, zlib.error):
+            encoding = request.headers.get("Content-Encoding", "")
+            raise BadPayload(f"the body is not valid {encoding} data (Content-Encoding)") from None
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -137,7 +148,13 @@ class WebhookDoor:
             return web.json_response(
                 {"ok": False, "error": f"too many events are waiting to be processed ({self.door_first.backlog}); "
                                        f"retry later"}, status=503, headers={"Retry-After": str(BACKLOG_RETRY_AFTER)})
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except BadPayload as exc:
+            self.metrics.events_rejected.labels(source="unknown", reason="malformed").inc()
+            refused = _json_error(400, str(exc))
+            refused.force_close()  # the rest of the request cannot be read: this connection is done
+            return refused
         if body is None:
             self.metrics.events_rejected.labels(source="unknown", reason="too_large").inc()
             return _json_error(413, f"the body is larger than {self.max_body} bytes")
@@ -168,6 +185,8 @@ class WebhookDoor:
         except BadPayload as exc:
             self.metrics.events_rejected.labels(source=known.integration, reason="malformed").inc()
             return _json_error(400, str(exc))
+        if _UNSTORABLE_ESCAPES.search(body):
+            parsed.payload = _storable_payload(parsed.payload)
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
         if parsed.dedupe_window is not None and parsed.delivery_id:
             # A content hash is a duplicate only within the window: it is stored with the window-long slice of
@@ -180,17 +199,59 @@ class WebhookDoor:
                 return web.json_response({"ok": True, "event": earlier, "duplicate": True}, status=202)
             delivery = current
         stored = await self.inbox.store(NewEvent(
-            team_id=known.team_id, source=known.integration, delivery_id=delivery[:200], kind=parsed.kind[:200],
-            payload=parsed.payload, received_at=datetime.now(UTC), summary=parsed.summary[:1000],
-            link=parsed.link, headers=parsed.headers, event_name=parsed.event_name, actionable=parsed.actionable,
-            connection_id=connection_id, source_addr=request.remote))
+            team_id=known.team_id, source=known.integration, delivery_id=delivery_key(delivery),
+            kind=storable(parsed.kind, 200), payload=parsed.payload, received_at=datetime.now(UTC),
+            summary=storable(parsed.summary, 1000),
+            link=storable(parsed.link, 2000) if parsed.link is not None else None,
+            headers={storable(name, 200): storable(value, 2000) for name, value in parsed.headers.items()},
+            event_name=storable(parsed.event_name, 200) if parsed.event_name is not None else None,
+            actionable=parsed.actionable, connection_id=connection_id, source_addr=request.remote))
         if stored.duplicate:
             self.metrics.events_duplicate.labels(source=known.integration).inc()
         else:
             self.metrics.events_received.labels(source=known.integration).inc()
             self.on_stored()  # type: ignore[operator]
+        # SPEC: a `ping` (a sender testing the connection) is answered 200; every other event 202.
         return web.json_response({"ok": True, "event": stored.event_id, "duplicate": stored.duplicate},
-                                 status=202)
+                                 status=202 if parsed.actionable else 200)
+
+
+def storable(text: str, limit: int) -> str:
+    """Text from a request as a text column can hold it: at most `limit` characters, without NUL (PostgreSQL
+    refuses it) and with anything that is not Unicode (bytes that were not UTF-8 in a header, lone surrogates
+    from a JSON escape) replaced, so that one odd sender cannot fail a write shared with others."""
+    cleaned = text.replace("\x00", "")
+    if not cleaned.isascii():
+        cleaned = cleaned.encode("utf-8", "replace").decode("utf-8")
+    return cleaned[:limit]
+
+
+# JSON escapes (and a form's `%00`) that give text a database cannot store: NUL, and UTF-16 surrogates, of which
+# a lone one is not Unicode. Raw bytes cannot give either: NUL is not allowed raw in JSON text, and bytes that
+# are not UTF-8 are refused before this. Only bodies with one of these are walked.
+_UNSTORABLE_ESCAPES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|%00")
+
+
+def _storable_payload(value: Any) -> Any:
+    """The payload with every string (and key) made `storable`, so the run's title and card rendered from it can
+    be written too."""
+    if isinstance(value, str):
+        return storable(value, len(value))
+    if isinstance(value, dict):
+        return {storable(key, len(key)) if isinstance(key, str) else key: _storable_payload(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_storable_payload(item) for item in value]
+    return value
+
+
+def delivery_key(delivery: str) -> str:
+    """A delivery id as stored (200 characters at most): a longer one keeps its start and a hash of the whole,
+    so two long ids that differ only at the end stay two deliveries."""
+    cleaned = storable(delivery, 10_000)
+    if len(cleaned) <= 200 and cleaned == delivery:
+        return cleaned
+    return f"{cleaned[:135]}~{hashlib.sha256(delivery.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 def content_deliveries(content_hash: str, window: float, now: float) -> tuple[str, str]:

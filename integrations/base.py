@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,17 +64,30 @@ class ParsedEvent:
 
 
 def parse_json_body(request: IncomingWebhook) -> Any:
-    """JSON, or a form body (`application/x-www-form-urlencoded`, with GitHub's `payload=` convention)."""
-    content_type = (request.header("Content-Type") or "").split(";")[0].strip().lower()
-    text = request.body.decode("utf-8", errors="strict") if request.body else ""
+    """JSON, or a form body (`application/x-www-form-urlencoded`, with GitHub's `payload=` convention), in the
+    charset the `Content-Type` names (UTF-8 if none)."""
+    content_type, _, parameters = (request.header("Content-Type") or "").partition(";")
+    content_type = content_type.strip().lower()
+    charset = "utf-8"
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            charset = value.strip().strip('"')
     try:
+        text = request.body.decode(charset) if request.body else ""
         if content_type == "application/x-www-form-urlencoded":
             form = dict(parse_qsl(text, keep_blank_values=True))
             if set(form) == {"payload"}:
                 return jsontext.loads(form["payload"])
             return form
         return jsontext.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except LookupError:
+        raise BadPayload(f"the body's charset {charset!r} is unknown") from None
+    except UnicodeDecodeError as exc:
+        raise BadPayload(f"the body is not valid {charset} text: {exc}") from None
+    except RecursionError:
+        raise BadPayload("the body's JSON is nested too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError, and numbers too long to read ("Exceeds the limit …")
         raise BadPayload(f"the body is not valid JSON: {exc}") from None
 
 
@@ -109,8 +121,9 @@ def hmac_sha256_hex(secret: bytes, message: bytes) -> str:
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
-    a_bytes = a.encode() if isinstance(a, str) else a
-    b_bytes = b.encode() if isinstance(b, str) else b
+    # Header values that were not UTF-8 arrive with surrogates in place of their bytes: never equal, never an error.
+    a_bytes = a.encode("utf-8", "surrogatepass") if isinstance(a, str) else a
+    b_bytes = b.encode("utf-8", "surrogatepass") if isinstance(b, str) else b
     return hmac.compare_digest(a_bytes, b_bytes)
 
 

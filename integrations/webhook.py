@@ -38,7 +38,7 @@ def standard_webhooks_key(secret: str) -> bytes:
 
 
 def standard_webhooks_signature(*, secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
-    digest = hmac.new(standard_webhooks_key(secret), f"{msg_id}.{timestamp}.".encode() + body,
+    digest = hmac.new(standard_webhooks_key(secret), f"{msg_id}.{timestamp}.".encode("utf-8", "surrogateescape") + body,
                       hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
 

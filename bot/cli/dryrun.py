@@ -344,7 +344,7 @@ class DryRun:
                                                                       event=plan.github_event)
             except (LookupError, KeyError) as exc:
                 return str(exc)
-            return None if status == 202 else f"the webhook door answered HTTP {status}: {text[:300]}"
+            return None if status in (200, 202) else f"the webhook door answered HTTP {status}: {text[:300]}"
         # Poll and schedule events are not sent by anyone: their trigger loops store them, and so does this.
         subscription = await self.subscription_id()
         data = json.loads(plan.body)

@@ -245,9 +245,9 @@ class DevPage:
             self._log(str(exc), ok=False)
             return web.json_response({"ok": False, "error": str(exc)}, status=400)
         label = f"{integration} {example_name or 'event'}"
-        self._log(f"{label} → POST /hooks/…: HTTP {status} {text[:200]}", ok=status == 202)
+        self._log(f"{label} → POST /hooks/…: HTTP {status} {text[:200]}", ok=status in (200, 202))
         answer: Any = json.loads(text) if text.startswith("{") else text
-        return web.json_response({"ok": status == 202, "status": status, "answer": answer})
+        return web.json_response({"ok": status in (200, 202), "status": status, "answer": answer})
 
     async def view_submit(self, request: web.Request) -> web.Response:
         data = await self._json(request)

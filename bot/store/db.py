@@ -50,8 +50,16 @@ T = TypeVar("T")
 Body = Callable[[AsyncSession], Coroutine[Any, Any, T]]
 
 BUSY_TIMEOUT_MS = 30_000
+
+
+def _json_column(stored: str | bytes | int | float) -> Any:
+    """A JSON column's value. SQLite gives such columns numeric affinity: JSON text that is a bare number (a
+    webhook whose whole body is `42`) comes back as that number, not as text."""
+    return stored if isinstance(stored, int | float) else jsontext.loads(stored)
+
+
 # How JSON columns are written and read (see integrations.jsontext: the standard library's values, faster).
-JSON_CODEC: dict[str, Any] = {"json_serializer": jsontext.dumps, "json_deserializer": jsontext.loads}
+JSON_CODEC: dict[str, Any] = {"json_serializer": jsontext.dumps, "json_deserializer": _json_column}
 BULK_KEY = "relaybot.insert_later"
 FINISH_KEY = "relaybot.before_commit"
 

@@ -100,7 +100,7 @@ async def test_every_github_payload_starts_a_run_with_a_summary_naming_the_repos
         delivery = f"gh-{index:03d}"
         status, answer = await bot.post(url, body, github_headers(secret, body, event=path.parent.name,
                                                                   delivery=delivery))
-        assert status == 202, (path, answer)
+        assert status == (200 if path.parent.name == "ping" else 202), (path, answer)  # SPEC: a ping is 200
         expected[delivery] = github_owner(json.loads(body))
     cards = await cards_by_delivery(bot, len(GITHUB_FILES), timeout=240)
     problems = []
