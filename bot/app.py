@@ -89,10 +89,11 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
                     poll_interval=settings.worker_poll_interval,
                     lease=timedelta(seconds=settings.outbox_lease_seconds),
                     on_undeliverable=lambda message, reason: tell_subscriber(db, slack, message, reason))
-    intake = Intake(db=db, catalog=catalog, metrics=metrics, outbox=outbox)
+    intake = Intake(db=db, catalog=catalog, metrics=metrics, outbox=outbox, command=settings.command)
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,
-                    log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls())
+                    log_masker=log_masker, metrics=metrics, base_urls=settings.integration_base_urls(),
+                    command=settings.command)
     door_first = DoorFirst(max_backlog=settings.max_backlog)
     engine = Engine(db=db, intake=intake, runner=runner, owner=owner, lease=lease,
                     poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup, door=door_first)

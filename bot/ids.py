@@ -32,6 +32,7 @@ def new_webhook_secret() -> str:
 
 
 def normalize_run_id(text: str) -> str:
-    """What a user typed → the run id it names (case and Crockford look-alikes forgiven)."""
-    cleaned = text.strip().upper().replace("O", "0").replace("I", "1").replace("L", "1")
+    """What a user typed → the run id it names (case, Crockford look-alikes and the backticks or asterisks of
+    a copied `R…` forgiven)."""
+    cleaned = text.strip().strip("`*_").upper().replace("O", "0").replace("I", "1").replace("L", "1")
     return cleaned

@@ -124,7 +124,9 @@ class Alertmanager(Integration):
         headers = {name: request.header(name) or "" for name in ("User-Agent",) if request.header(name)}
         return ParsedEvent(kind=f"alert.{status}", payload=payload, delivery_id=notification_hash(payload),
                            summary=summarize(payload), link=external if isinstance(external, str) else None,
-                           headers=headers, event_name=status, dedupe_window=DEDUPE_SECONDS)
+                           headers=headers, event_name=status, dedupe_window=DEDUPE_SECONDS,
+                           # A notification without alerts (a hand-made test) has nothing to act on.
+                           actionable=bool(payload["alerts"]))
 
     def default_card(self, event: ParsedEvent) -> CardSpec:
         payload = event.payload if isinstance(event.payload, dict) else {}
@@ -142,10 +144,10 @@ class Alertmanager(Integration):
             fields["Runbook"] = runbook
         return CardSpec(title=event.summary, fields=fields, link=event.link)
 
-    def setup_hint(self, *, url: str) -> str:
+    def setup_hint(self, *, url: str, secret: str) -> str:
         return (f"In alertmanager.yml, add a receiver with `webhook_configs: [{{url: '{url}', "
-                "http_config: {authorization: {credentials: '<the secret above>'}}}]` "
-                f"(or `basic_auth` with username `{BASIC_AUTH_USER}`).")
+                "http_config: {authorization: {credentials: '<secret>'}}}]`, where `<secret>` is "
+                f"{secret} (or `basic_auth` with username `{BASIC_AUTH_USER}`).")
 
 
 # ------------------------------------------------------------------------------------------------- actions

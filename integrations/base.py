@@ -75,6 +75,8 @@ def parse_json_body(request: IncomingWebhook) -> Any:
             charset = value.strip().strip('"')
     try:
         text = request.body.decode(charset) if request.body else ""
+        # RFC 8259 lets a parser ignore a byte order mark; some senders (PowerShell, .NET) write one.
+        text = text.removeprefix("\ufeff")
         if content_type == "application/x-www-form-urlencoded":
             form = dict(parse_qsl(text, keep_blank_values=True))
             if set(form) == {"payload"}:
@@ -255,9 +257,10 @@ class Integration:
     def default_card(self, event: ParsedEvent) -> CardSpec:
         return CardSpec(title=event.summary or event.kind, link=event.link)
 
-    def setup_hint(self, *, url: str) -> str:
-        """How to point the tool at the connection URL (one or two sentences, mrkdwn)."""
-        return f"Send webhooks to {url}."
+    def setup_hint(self, *, url: str, secret: str) -> str:
+        """How to point the tool at the connection URL (one or two sentences, mrkdwn). `secret` is how to name
+        the connection's secret to the reader ("the secret above" when it is shown with the hint)."""
+        return f"Send webhooks to {url}, signed with {secret}."
 
 
 Handler = Callable[..., Awaitable[Any]]

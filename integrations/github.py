@@ -70,9 +70,9 @@ class GitHub(Integration):
             fields["Branch"] = ref.removeprefix("refs/heads/")
         return CardSpec(title=event.summary, fields=fields, link=event.link)
 
-    def setup_hint(self, *, url: str) -> str:
+    def setup_hint(self, *, url: str, secret: str) -> str:
         return (f"In GitHub: repository or organization *Settings → Webhooks → Add webhook*; Payload URL {url}, "
-                "content type `application/json`, and the secret above.")
+                f"content type `application/json`, and {secret}.")
 
 
 # ------------------------------------------------------------------------------------------------- actions

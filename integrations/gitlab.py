@@ -178,9 +178,9 @@ class GitLab(Integration):
             fields["Status"] = status
         return CardSpec(title=event.summary, fields=fields, link=event.link)
 
-    def setup_hint(self, *, url: str) -> str:
+    def setup_hint(self, *, url: str, secret: str) -> str:
         return (f"In GitLab: project or group *Settings → Webhooks → Add new webhook*; URL {url}, "
-                "*Secret token* the secret above, and tick the events to send.")
+                f"*Secret token* {secret}, and tick the events to send.")
 
 
 # ------------------------------------------------------------------------------------------------- actions

@@ -110,9 +110,10 @@ class PagerDuty(Integration):
                 fields[label] = value
         return CardSpec(title=event.summary, fields=fields, link=event.link)
 
-    def setup_hint(self, *, url: str) -> str:
+    def setup_hint(self, *, url: str, secret: str) -> str:
+        # PagerDuty makes the signing secret itself, so `secret` (relaybot's) is never the one to use.
         return (f"In PagerDuty: *Integrations → Generic Webhooks (v3) → New Webhook*; Webhook URL {url}. PagerDuty "
-                "shows a signing secret once: store it with `/relay connect pagerduty set-secret`.")
+                "shows its signing secret once, when the subscription is created: that is the one to paste.")
 
 
 # ------------------------------------------------------------------------------------------------- actions

@@ -90,6 +90,6 @@ class Webhook(Integration):
         return ParsedEvent(kind="webhook", payload=payload, delivery_id=delivery, summary=summary or "Webhook",
                            link=link, headers=kept, event_name="webhook")
 
-    def setup_hint(self, *, url: str) -> str:
-        return (f"POST JSON to {url} signed with the secret: Standard Webhooks (`webhook-signature`), "
+    def setup_hint(self, *, url: str, secret: str) -> str:
+        return (f"POST JSON to {url} signed with {secret}: Standard Webhooks (`webhook-signature`), "
                 "`X-Hub-Signature-256: sha256=<hex HMAC>`, or `Authorization: Bearer <secret>`.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from bot.store.models import AuditRecord, Subscription
-from tests.conftest import ALICE, CHANNEL, connection_from, write_workflow
+from tests.conftest import ADMIN, ALICE, CHANNEL, TEAM, connection_from, write_workflow
 
 DEPLOY = """
 name: deploy
@@ -59,12 +59,18 @@ async def test_enable_checks_arguments_and_admin(make_bot, workflows, target):
     url, secret = connection_from(reply, "github")
     assert url.startswith(bot.url + "/hooks/c_") and secret.startswith("whsec_")
     again = await bot.command("enable deploy env=staging")
-    assert "`deploy` updated" in again and "connection URL" in again and secret not in again
+    assert "`deploy` updated in this channel: now with `env=staging`, `replicas=3`." in again
+    assert "connection URL" in again and secret not in again
+    assert "already enabled in this channel with `env=staging`, `replicas=3`. Nothing changed." in await bot.command(
+        "enable deploy replicas=3")
+    assert "now with `env=staging`." in await bot.command("enable deploy replicas=")  # back to its default
+    assert await bot.command("enable deploy env=staging env=production") == (
+        "`env` is given twice; give each parameter once.")
     async with bot.services.db.read() as session:
         subscription = (await session.execute(select(Subscription))).scalar_one()
         actions = [r.action for r in (await session.execute(select(AuditRecord).order_by(AuditRecord.seq))).scalars()]
     assert subscription.params == {"env": "staging"} and subscription.channel_id == CHANNEL
-    assert actions == ["subscription.enabled", "connection.created", "subscription.updated"]
+    assert actions == ["subscription.enabled", "connection.created", "subscription.updated", "subscription.updated"]
 
 
 async def test_extra_admins_from_settings(make_bot, workflows, target):
@@ -76,6 +82,8 @@ async def test_extra_admins_from_settings(make_bot, workflows, target):
 async def test_disable(make_bot, workflows, target):
     bot = await deploy_bot(make_bot, workflows, target)
     assert await bot.command("disable deploy") == "`deploy` is not enabled in this channel."
+    assert await bot.command("disable deplyo") == ("`deplyo` is not enabled in this channel, and there is no "
+                                                   "workflow of that name. `/relay list` shows the workflows.")
     await bot.command("enable deploy")
     assert "is disabled in this channel" in await bot.command("disable deploy")
     assert ":white_circle: `deploy`" in await bot.command("list")
@@ -94,6 +102,37 @@ async def test_run_by_hand_uses_arguments_as_the_event(make_bot, workflows, targ
     assert "not allowed" in await bot.command("run deploy replicas=9")
 
 
+REQUIRED = """
+name: page
+title: Page someone
+params:
+  service: {required: true, description: the service to page for}
+  note: {default: ""}
+on: {command: {}}
+steps:
+  - id: page
+    uses: http.request
+    with: {url: "TARGET/page", method: POST, json: {service: "${{ params.service }}", note: "${{ params.note }}"}}
+"""
+
+
+async def test_run_by_hand_needs_the_required_parameters(make_bot, workflows, target):
+    write_workflow(workflows, "page", REQUIRED.replace("TARGET", target.url))
+    bot = await make_bot()
+    missing = "`page` needs `service=…` (the service to page for)."
+    assert await bot.command("run page") == missing
+    assert await bot.command("run page service=") == missing  # an empty value is no value
+    assert await bot.command("run page service=api service=db") == "`service` is given twice; give each parameter once."
+    assert await bot.command("enable page") == missing
+    assert "`page` enabled" in await bot.command("enable page service=api")
+    assert (await bot.command("run page")).startswith("Started run")  # the channel's subscription gives it
+    # Slack's clients may type typographic double quotes (U+201C, U+201D); U+2019 stays an apostrophe.
+    assert (await bot.command("run page service=db note=\u201cdon\u2019t wake anyone\u201d")).startswith("Started")
+    await bot.settle()
+    assert sorted((request.json()["service"], request.json()["note"]) for request in target.requests_to("/page")) == [
+        ("api", ""), ("db", "don\u2019t wake anyone")]
+
+
 async def test_connect_shows_the_secret_once_and_rotates(make_bot, workflows, target):
     bot = await deploy_bot(make_bot, workflows, target)
     assert "Only workspace admins" in await bot.command("connect github", user=ALICE)
@@ -108,6 +147,44 @@ async def test_connect_shows_the_secret_once_and_rotates(make_bot, workflows, ta
     assert (await bot.github(url, secret, {"zen": "x"}, event="ping"))[0] == 401
     assert (await bot.github(url, new_secret, {"zen": "x"}, event="ping"))[0] == 200
     assert "I don't know the integration `jira`" in await bot.command("connect jira")
+    assert await bot.command("connect github rotate now") == "`/relay connect github rotate` takes nothing more. " \
+                                                             "Nothing was changed."
+    assert (await bot.github(url, new_secret, {"zen": "x"}, event="ping"))[0] == 200  # not rotated
+
+
+async def test_a_secret_typed_after_connect_is_not_echoed_and_is_called_exposed(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    pasted = "pd_Zx81kQ7mW2"
+    for text, user in ((f"connect pagerduty {pasted}", ADMIN), (f"connect pagerduty set-secret {pasted}", ADMIN),
+                       (f"connect github set-secret {pasted}", ALICE), (f"connect github {pasted}", ALICE)):
+        reply = await bot.command(text, user=user)
+        assert pasted not in reply and pasted.lower() not in reply, text
+        assert "treat it as exposed" in reply and "Nothing was" in reply, text
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(AuditRecord))).scalars().all() == []
+
+
+async def test_an_existing_connection_does_not_point_to_a_secret_that_is_not_shown(make_bot, workflows, target):
+    bot = await deploy_bot(make_bot, workflows, target)
+    for integration in ("github", "gitlab", "alertmanager", "webhook"):
+        first = await bot.command(f"connect {integration}")
+        assert "Secret: `" in first and "the secret above" in first, integration
+        again = await bot.command(f"connect {integration}")
+        assert "Secret: `" not in again and "the secret above" not in again, integration
+        assert "the connection's secret (shown when it was created)" in again, integration
+
+
+async def test_replies_name_the_command_the_workspace_installed(make_bot, workflows, target, slack):
+    bot = await deploy_bot(make_bot, workflows, target)
+    await bot.stop()
+    bot = await make_bot(command="/ops")
+    for text in ("connect github", "connect github", "connect pagerduty", "help"):
+        before = len(slack.responses)
+        status, _ = await slack.slash_command(TEAM, CHANNEL, ADMIN, text, command="/ops")
+        assert status == 200
+        await slack.wait_for(lambda count=before: len(slack.responses) > count)
+        reply = str(slack.responses[before]["text"])
+        assert "/relay" not in reply and "`/ops " in reply, (text, reply)
 
 
 async def test_a_secret_rotated_by_one_process_is_accepted_at_once_by_another(make_bot, workflows, target):
@@ -140,14 +217,21 @@ async def test_runs_and_status(make_bot, workflows, target):
 
 
 async def test_bot_not_in_the_channel_is_explained(make_bot, workflows, target, slack):
-    from bot.store.models import OutboxMessage
-    from tests.conftest import ADMIN, TEAM
+    from bot.store.models import OutboxMessage, Run
 
     slack.add_channel(TEAM, "C0PRIVATE", "private", bot_member=False)
     bot = await deploy_bot(make_bot, workflows, target)
     reply = await bot.command("enable deploy", channel="C0PRIVATE")
     assert "I am not in this channel yet" in reply and "/invite @relaybot" in reply
-    await bot.command("run deploy who=x", channel="C0PRIVATE")
+    # By hand: refused at once, in a channel the bot is not in and in one it cannot even see.
+    for channel in ("C0PRIVATE", "C0UNSEEN1"):
+        refusal = await bot.command("run deploy who=x", channel=channel)
+        assert refusal.startswith("I am not in this channel") and "nothing was started" in refusal, channel
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(Run))).scalars().all() == []
+    # From a webhook: the run goes on, and whoever enabled the workflow is told its card could not be posted.
+    url, secret = connection_from(reply, "github")
+    assert (await bot.github(url, secret, {"ref": "refs/heads/main"}, event="push"))[0] == 202
     dm = await slack.wait_for(lambda: [m for m in slack.teams[TEAM].messages.get(ADMIN, [])])
     assert "could not post its card in <#C0PRIVATE> (not_in_channel)" in dm[0].text
     await bot.settle()

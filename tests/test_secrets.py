@@ -217,10 +217,16 @@ async def test_only_admins_manage_secrets_even_with_a_forged_submission(make_bot
 
 async def test_a_value_typed_into_the_command_is_refused_not_stored(make_bot, slack):
     bot = await make_bot()
-    reply = await bot.command("secret set TOKEN hunter2")
-    assert "Nothing was stored" in reply and "hunter2" not in reply
+    for text, user in (("secret set TOKEN hunter2", ADMIN), ("secret set TOKEN=hunter2", ADMIN),
+                       ('secret set "TOKEN hunter2"', ADMIN), ("secret set xoxb-hunter2", ADMIN),
+                       ("secret set TOKEN hunter2", ALICE)):
+        reply = await bot.command(text, user=user)
+        assert "Nothing was stored" in reply and "treat it as exposed" in reply and "hunter2" not in reply, text
     assert slack.calls_of("views.open") == []
-    assert "cannot be a secret's name" in await bot.command("secret set 9LIVES")
+    assert "A name is letters, digits and `_`" in await bot.command("secret set 9LIVES")
+    assert "`/relay secret set <NAME>` opens a form" in await bot.command("secret delete TOKEN hunter2")
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(Secret))).scalars().all() == []
 
 
 # ------------------------------------------------------------------------------------------ connection secrets

@@ -250,7 +250,10 @@ async def test_cancel_by_approvers_and_admins_only(make_bot, workflows, target, 
     final = slack.message(TEAM, CHANNEL, card.ts)
     assert buttons(final) == [] and "cancelled" in block_texts(final)
     assert "has already ended" in await bot.command(f"cancel {run.id}")
-    assert "no longer waiting" in await bot.click(card, "approve", user=ALICE, snapshot=card)
+    stale_click = await bot.click(card, "approve", user=ALICE, snapshot=card)
+    assert stale_click == ("This run was cancelled by <@U0BOB0001>, so its steps can no longer be decided. "
+                           "Nothing was changed.")
+    assert f"*Run `{run.id}`* of `gate`" in await bot.command(f"status `{run.id}`")  # as copied from a reply
     assert target.received == []
 
 

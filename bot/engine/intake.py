@@ -183,8 +183,9 @@ class _Planned:
 
 class Intake:
     def __init__(self, *, db: Database, catalog: Catalog, metrics: Metrics, batch_size: int = 100,
-                 outbox: LanesLeasedAhead | None = None) -> None:
+                 outbox: LanesLeasedAhead | None = None, command: str = "/relay") -> None:
         self.db = db
+        self.command = command
         self.outbox = outbox
         self.catalog = catalog
         self.metrics = metrics
@@ -306,7 +307,8 @@ class Intake:
                         run_id=run.id, now=now)
         started = messages.thread_run_started(run_id=run.id, kind=event.kind, source=event.source,
                                               delivery=event.delivery_id if event.source != "command" else None,
-                                              started_by=event.started_by, workflow=workflow.title)
+                                              started_by=event.started_by, workflow=workflow.title,
+                                              command=self.command)
         ends_here = not workflow.steps
         await journal.transition(
             session, run, actor=event_actor(event), action="run.started", refresh_card=False,

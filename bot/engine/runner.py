@@ -105,8 +105,9 @@ class Runner:
     def __init__(self, *, db: Database, catalog: Catalog, keyring: Keyring, http: HttpClient,
                  slack_poster: Callable[[str], SlackPoster], owner: str, lease: timedelta,
                  log_masker: LogMasker, metrics: Metrics, base_urls: Mapping[str, str] | None = None,
-                 on_wake: Callable[[], None] | None = None) -> None:
+                 on_wake: Callable[[], None] | None = None, command: str = "/relay") -> None:
         self.db = db
+        self.command = command  # the slash command, as Slack users type it (RELAYBOT_COMMAND)
         self.catalog = catalog
         self.keyring = keyring
         self.http = http
@@ -419,7 +420,7 @@ class Runner:
         if missing and problem is None:
             listed = ", ".join(missing)
             problem = (f"the secret {listed} is not set in this workspace; an admin can set it with "
-                       f"`/relay secret set {missing[0]}`")
+                       f"`{self.command} secret set {missing[0]}`")
         return values, problem, readable
 
     async def _execute(self, compiled: CompiledStep, context: dict[str, Any], plan: Execute,

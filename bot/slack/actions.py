@@ -65,6 +65,8 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
     if run is None or step is None:
         raise NotFound(messages.CLICK_UNKNOWN_RUN)
     if step.state not in decidable:
+        if run.state == states.CANCELLED:
+            return messages.CLICK_RUN_CANCELLED.format(who=messages.user(run.cancelled_by))
         if step.decision and step.decided_by and step.state != states.UNKNOWN:
             who = messages.user(step.decided_by, step.decided_by_name)
             return messages.CLICK_ALREADY_DECIDED.format(state=f"{step.decision} by {who}")

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from slack_sdk.errors import SlackApiError
 from sqlalchemy import delete, select
 
 from bot import audit
 from bot.audit import Actor
 from bot.engine.context import run_url
+from bot.engine.intake import params_with_defaults
 from bot.engine.loader import CompiledWorkflow
 from bot.engine.triggers.status import trigger_statuses
 from bot.errors import NotAllowed, NotFound, UserError
@@ -56,11 +58,16 @@ class Command:
 Handler = Callable[[Services, Command, list[str]], Awaitable[str]]
 
 
+# Slack's clients (and the text people paste) turn "quotes" into typographic ones, which shlex would read as
+# part of a word. Single ones are left alone: U+2019 is also an apostrophe.
+_TYPOGRAPHIC_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"'})
+
+
 def split_words(text: str) -> list[str]:
     try:
-        return shlex.split(text)
+        return shlex.split(text.translate(_TYPOGRAPHIC_QUOTES))
     except ValueError as exc:
-        raise UserError(f"I could not read that command: {exc} (check the quotes).") from None
+        raise UserError(messages.UNREADABLE_COMMAND.format(problem=exc)) from None
 
 
 async def ensure_workspace(services: Services, team_id: str, name: str | None) -> None:
@@ -91,10 +98,13 @@ def parse_pairs(command: Command, sub: str, workflow: str, words: list[str]) -> 
     pairs: dict[str, str] = {}
     for word in words:
         key, equals, value = word.partition("=")
-        if not equals or not key.strip():
+        key = key.strip()
+        if not equals or not key:
             raise UserError(messages.BAD_ARGUMENT.format(text=messages.escape(word), command=command.name, sub=sub,
                                                          workflow=workflow))
-        pairs[key.strip()] = value
+        if key in pairs:
+            raise UserError(messages.DUPLICATE_ARGUMENT.format(key=messages.escape(key)))
+        pairs[key] = value
     return pairs
 
 
@@ -122,12 +132,15 @@ def check_params(workflow: CompiledWorkflow, given: dict[str, str], *, strict: b
             result[key] = match
         else:
             result[key] = value
-    if strict:
-        for key, spec in declared.items():
-            if spec.required and spec.default is None and key not in result:
-                raise UserError(messages.MISSING_PARAM.format(workflow=workflow.name, key=key,
-                                                              description=spec.description or "required"))
     return result
+
+
+def check_required(workflow: CompiledWorkflow, params: dict[str, Any]) -> None:
+    """Refuse when a required parameter without a default has no value (an empty one is none)."""
+    for key, spec in workflow.model.params.items():
+        if spec.required and spec.default is None and params.get(key) in (None, ""):
+            raise UserError(messages.MISSING_PARAM.format(workflow=workflow.name, key=key,
+                                                          description=spec.description or "required"))
 
 
 def connection_url(services: Services, connection_id: str) -> str:
@@ -182,25 +195,32 @@ async def cmd_list(services: Services, command: Command, words: list[str]) -> st
 
 
 async def cmd_enable(services: Services, command: Command, words: list[str]) -> str:
+    """Enable a workflow here, or change the parameters of the subscription already here: parameters left out
+    keep their values, and `key=` (empty) drops one back to the workflow's default."""
     workflow = find_workflow(services, command, words, "enable")
     await require_admin(services, command, "enable workflows")
-    params = check_params(workflow, parse_pairs(command, "enable", workflow.name, words[1:]), strict=True)
+    given = parse_pairs(command, "enable", workflow.name, words[1:])
+    cleared = {key for key, value in given.items() if value == "" and key in workflow.model.params}
+    changes = check_params(workflow, {key: value for key, value in given.items() if key not in cleared}, strict=True)
     now = datetime.now(UTC)
     async with services.db.write() as session:
         subscription = (await session.execute(select(Subscription).where(
             Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id,
             Subscription.workflow == workflow.name))).scalar_one_or_none()
-        updated = subscription is not None
+        before = dict(subscription.params) if subscription is not None else None
+        params = {key: value for key, value in {**(before or {}), **changes}.items() if key not in cleared}
+        check_required(workflow, params_with_defaults(workflow, params))
         if subscription is None:
             session.add(Subscription(team_id=command.team_id, channel_id=command.channel_id, workflow=workflow.name,
                                      params=params, created_by=command.user_id, created_at=now))
-        else:
+        elif params != before:
             subscription.params = params
-        await audit.append(session, team_id=command.team_id, actor=command.actor,
-                           action="subscription.updated" if updated else "subscription.enabled",
-                           workflow=workflow.name, workflow_hash=workflow.hash, outcome="ok",
-                           details={"channel": command.channel_id, "params": params}, at=now)
-    lines = [messages.enabled(workflow=workflow.name, params=params, updated=updated)]
+        if params != before:
+            await audit.append(session, team_id=command.team_id, actor=command.actor,
+                               action="subscription.updated" if before is not None else "subscription.enabled",
+                               workflow=workflow.name, workflow_hash=workflow.hash, outcome="ok",
+                               details={"channel": command.channel_id, "params": params}, at=now)
+    lines = [messages.enabled(workflow=workflow.name, params=params, before=before)]
     if not await _bot_in_channel(services, command):
         lines.append(messages.NOT_IN_CHANNEL)
     for trigger in workflow.triggers:
@@ -212,9 +232,12 @@ async def cmd_enable(services: Services, command: Command, words: list[str]) -> 
 
 
 async def _bot_in_channel(services: Services, command: Command) -> bool:
-    """False only when Slack says the bot is not a member; an unanswered question is not a warning."""
+    """False only when Slack says the bot is not a member, or cannot see the channel at all (a private channel
+    or another people's conversation); a question Slack did not answer is not taken for a no."""
     try:
         info = await services.slack.call(command.team_id, "conversations.info", channel=command.channel_id)
+    except SlackApiError as exc:
+        return exc.response.get("error") != "channel_not_found"
     except Exception:
         return True
     channel = info.get("channel") or {}
@@ -231,7 +254,10 @@ async def cmd_disable(services: Services, command: Command, words: list[str]) ->
             Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id,
             Subscription.workflow == workflow_name))
         if not result.rowcount:  # type: ignore[attr-defined]
-            raise UserError(messages.NOT_ENABLED.format(workflow=messages.escape(workflow_name)))
+            # A workflow that left the catalog may still be enabled here (and can be disabled): look only now.
+            known = services.catalog.get(workflow_name) is not None
+            text = messages.NOT_ENABLED if known else messages.NOT_ENABLED_UNKNOWN
+            raise UserError(text.format(workflow=messages.escape(workflow_name), command=command.name))
         await audit.append(session, team_id=command.team_id, actor=command.actor, action="subscription.disabled",
                            workflow=workflow_name, outcome="ok", details={"channel": command.channel_id})
     return messages.DISABLED.format(workflow=messages.escape(workflow_name))
@@ -243,6 +269,15 @@ async def cmd_run(services: Services, command: Command, words: list[str]) -> str
         await require_admin(services, command, f"start `{workflow.name}` by hand")
     arguments = parse_pairs(command, "run", workflow.name, words[1:])
     event_data = check_params(workflow, arguments, strict=False)
+    async with services.db.read() as session:
+        subscribed = (await session.execute(select(Subscription.params).where(
+            Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id,
+            Subscription.workflow == workflow.name))).scalar_one_or_none()
+    declared = {key: value for key, value in event_data.items() if key in workflow.model.params}
+    check_required(workflow, params_with_defaults(workflow, {**(subscribed or {}), **declared}))
+    if not await _bot_in_channel(services, command):
+        # The run would go ahead with nobody seeing its card, its approvals or its thread.
+        raise UserError(messages.RUN_NOT_IN_CHANNEL.format(workflow=workflow.name))
     delivery = command.trigger_id or uuid.uuid4().hex
     run_id = await services.intake.start_now(NewEvent(
         team_id=command.team_id, source="command", delivery_id=f"command:{delivery}", kind="command",
@@ -261,12 +296,12 @@ async def _connection_reply(services: Services, command: Command, integration: s
     except _AlreadyConnected as existing:
         connection_id = existing.connection_id
         url = connection_url(services, connection_id)
-        hint = integration_class().setup_hint(url=url)
         if not rotate:
+            hint = integration_class().setup_hint(url=url, secret=messages.SECRET_SHOWN_BEFORE)
             if integration_class.secret_generated_by_tool:
                 return messages.connection_tool_secret(integration=integration, url=url, hint=hint,
                                                        command=command.name, new=False)
-            return messages.connection_existing(integration=integration, url=url, hint=hint)
+            return messages.connection_existing(integration=integration, url=url, hint=hint, command=command.name)
         if integration_class.secret_generated_by_tool:
             raise UserError(messages.TOOL_SECRET_NO_ROTATE.format(integration=integration,
                                                                   command=command.name)) from None
@@ -283,29 +318,35 @@ async def _connection_reply(services: Services, command: Command, integration: s
         services.forget_connection(connection_id)
         return messages.connection_rotated(integration=integration, url=url, secret=secret)
     url = connection_url(services, connection.id)
+    hint = integration_class().setup_hint(url=url, secret=messages.SECRET_SHOWN_ABOVE)
     if integration_class.secret_generated_by_tool:
         # The secret generated here is never shown: until the tool's own is pasted in, nothing verifies.
         return messages.connection_tool_secret(integration=integration, url=url, command=command.name, new=True,
-                                               hint=integration_class().setup_hint(url=url))
-    return messages.connection_created(integration=integration, url=url, secret=secret,
-                                       hint=integration_class().setup_hint(url=url))
+                                               hint=hint)
+    return messages.connection_created(integration=integration, url=url, secret=secret, hint=hint,
+                                       command=command.name)
 
 
 async def cmd_connect(services: Services, command: Command, words: list[str]) -> str:
     webhook_integrations = sorted(name for name, cls in INTEGRATIONS.items() if cls.receives_webhooks)
     if not words:
-        raise UserError(f"Which integration? `{command.name} connect <integration>` — one of "
-                        + ", ".join(f"`{name}`" for name in webhook_integrations) + ".")
+        raise UserError(messages.NEED_INTEGRATION.format(
+            command=command.name, known=", ".join(f"`{name}`" for name in webhook_integrations)))
     name = words[0].lower()
     if name not in INTEGRATIONS:
         raise NotFound(messages.UNKNOWN_INTEGRATION.format(name=messages.escape(name),
                                                            known=", ".join(webhook_integrations)))
-    await require_admin(services, command, "manage connections")
     option = words[1].lower() if len(words) > 1 else None
+    # Wrong words are answered before the admin check: whoever pasted a secret here must hear it is exposed.
+    if option == "set-secret" and words[2:]:
+        raise UserError(messages.CONNECTION_SET_SECRET_EXTRA.format(command=command.name, name=name))
+    if option not in (None, "rotate", "set-secret"):
+        raise UserError(messages.CONNECT_EXTRA.format(command=command.name, name=name))
+    if option == "rotate" and words[2:]:
+        raise UserError(messages.CONNECT_ROTATE_EXTRA.format(command=command.name, name=name))
+    await require_admin(services, command, "manage connections")
     if option == "set-secret":
-        return await secret_commands.open_connection_secret_form(services, command, name, words[2:])
-    if option not in (None, "rotate"):
-        raise UserError(f"`{command.name} connect {name}` takes nothing more, `rotate` or `set-secret`.")
+        return await secret_commands.open_connection_secret_form(services, command, name)
     return await _connection_reply(services, command, name, rotate=option == "rotate")
 
 
@@ -317,24 +358,21 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
             query = query.where(Run.workflow == words[0])
         runs = list((await session.execute(query)).scalars())
     if not runs:
-        return "No runs in this channel yet." if not words else f"No runs of `{messages.escape(words[0])}` here yet."
-
-    lines = [f"`{run.id}` {messages.STATUS_TEXT.get(run.state, run.state)} · `{run.workflow}` · "
-             f"{messages.escape(run.card.get('summary') or run.title)} · "
-             f"{messages.slack_date(run.created_at)} · "
-             f"<{run_url(run)}|thread>" for run in runs]
-    return "*Latest runs here*\n" + "\n".join(lines)
+        return messages.NO_RUNS if not words else messages.NO_RUNS_OF.format(workflow=messages.escape(words[0]))
+    return messages.run_list([messages.run_line(run_id=run.id, state=run.state, workflow=run.workflow,
+                                                summary=run.card.get("summary") or run.title,
+                                                created_at=run.created_at, url=run_url(run)) for run in runs])
 
 
 async def find_run(services: Services, command: Command, words: list[str], sub: str) -> Run:
     """The run a command names, in the command's workspace only."""
     if not words:
-        raise UserError(f"Which run? `{command.name} {sub} <run id>` — `{command.name} runs` lists them.")
+        raise UserError(messages.NEED_RUN.format(command=command.name, sub=sub))
     async with services.db.read() as session:
         run = (await session.execute(select(Run).where(Run.id == normalize_run_id(words[0]),
                                                        Run.team_id == command.team_id))).scalar_one_or_none()
     if run is None:
-        raise NotFound(f"There is no run `{messages.escape(words[0])}` in this workspace.")
+        raise NotFound(messages.UNKNOWN_RUN.format(run_id=messages.escape(words[0])))
     return run
 
 
@@ -344,11 +382,8 @@ async def cmd_status(services: Services, command: Command, words: list[str]) -> 
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)))
                      .scalars())
 
-    lines = [f"*Run `{run.id}`* of `{run.workflow}` in <#{run.channel_id}>: "
-             f"{messages.STATUS_TEXT.get(run.state, run.state)}",
-             messages.escape(run.card.get("summary") or run.title)]
-    lines += step_lines(steps)
-    return "\n".join(lines)
+    return messages.run_status(run_id=run.id, workflow=run.workflow, channel_id=run.channel_id, state=run.state,
+                               summary=run.card.get("summary") or run.title, step_lines=step_lines(steps))
 
 
 async def may_cancel(services: Services, command: Command, run: Run) -> bool:
@@ -379,13 +414,13 @@ async def may_cancel(services: Services, command: Command, run: Run) -> bool:
 async def cmd_cancel(services: Services, command: Command, words: list[str]) -> str:
     run = await find_run(services, command, words, "cancel")
     if not await may_cancel(services, command, run):
-        raise NotAllowed(f"Only admins and the approvers of `{run.workflow}` can cancel its runs.")
+        raise NotAllowed(messages.CANCEL_NOT_ALLOWED.format(workflow=run.workflow))
     from bot.slack.lifecycle import cancel_run
 
     if not await cancel_run(services, run_id=run.id, team_id=command.team_id, actor=command.actor,
-                            reason="cancelled with /relay cancel"):
-        return f"Run `{run.id}` has already ended ({run.state}); nothing to cancel."
-    return f"Run `{run.id}` is cancelled. A step already running finishes; nothing else will run."
+                            reason=f"cancelled with {command.name} cancel"):
+        return messages.CANCEL_ALREADY_ENDED.format(run_id=run.id, state=run.state)
+    return messages.CANCELLED.format(run_id=run.id)
 
 
 SUBCOMMANDS: dict[str, Handler] = {

@@ -66,9 +66,9 @@ def step_name(title: str) -> str:
 
 
 def thread_run_started(*, run_id: str, kind: str, source: str, delivery: str | None, started_by: str | None,
-                       workflow: str) -> str:
+                       workflow: str, command: str = "/relay") -> str:
     if started_by:
-        origin = f"started by {user(started_by)} with `/relay run`"
+        origin = f"started by {user(started_by)} with `{command} run`"
     else:
         origin = f"started by a {escape(source)} event `{escape(kind)}`"
     # Deliveries without an id of the sender's get one of ours ("auto:…"); it says nothing to a reader.
@@ -200,6 +200,7 @@ def approvers_text(users: list[str], groups: list[str]) -> str:
 
 CLICK_ALREADY_DECIDED = "This step was already decided: {state}. Nothing was changed."
 CLICK_STALE = "This card is out of date: the step is no longer waiting. Nothing was changed."
+CLICK_RUN_CANCELLED = "This run was cancelled by {who}, so its steps can no longer be decided. Nothing was changed."
 CLICK_NOT_APPROVER = "You are not one of the approvers of *{title}* ({approvers}). Nothing was changed."
 CLICK_SELF = "You started this run, and this workflow does not let the person who started a run approve it."
 CLICK_UNKNOWN_RUN = "This run does not exist in this workspace."
@@ -226,16 +227,20 @@ def help_text(command: str) -> str:
     ])
 
 
+UNREADABLE_COMMAND = "I could not read that command: {problem} (check the quotes)."
 UNKNOWN_SUBCOMMAND = "I don't know `{command} {word}`. Try `{command} help`."
 NEED_WORKFLOW = "Which workflow? `{command} {sub} <workflow>` — `{command} list` shows them."
 UNKNOWN_WORKFLOW = "There is no workflow named `{name}`. `{command} list` shows the workflows."
 NOT_ADMIN = "Only workspace admins and owners (or the users in RELAYBOT_ADMINS) can {what}."
 BAD_ARGUMENT = "`{text}` is not `key=value`. Example: `{command} {sub} {workflow} env=production`."
+DUPLICATE_ARGUMENT = "`{key}` is given twice; give each parameter once."
 UNKNOWN_PARAM = "`{workflow}` has no parameter `{key}`. Its parameters: {known}."
 NO_PARAMS = "`{workflow}` takes no parameters."
 BAD_CHOICE = "`{key}={value}` is not allowed for `{workflow}`: choose one of {choices}."
 MISSING_PARAM = "`{workflow}` needs `{key}=…` ({description})."
 NOT_ENABLED = "`{workflow}` is not enabled in this channel."
+NOT_ENABLED_UNKNOWN = ("`{workflow}` is not enabled in this channel, and there is no workflow of that name. "
+                       "`{command} list` shows the workflows.")
 NOT_IN_CHANNEL = (":warning: I am not in this channel yet, so I cannot post run cards here. Invite me with "
                   "`/invite @relaybot`.")
 CARD_UNDELIVERABLE = (":warning: Run `{run_id}` of `{workflow}` could not post its card in <#{channel}> "
@@ -243,26 +248,71 @@ CARD_UNDELIVERABLE = (":warning: Run `{run_id}` of `{workflow}` could not post i
                       "channel; its approvals can still be given from my Home tab.")
 DISABLED = "`{workflow}` is disabled in this channel. Runs already going will finish."
 RUN_STARTED = "Started run `{run_id}` of `{workflow}`; its card follows in this channel."
+RUN_NOT_IN_CHANNEL = ("I am not in this channel, so I could not post the run's card or its thread here: nothing "
+                      "was started. Invite me with `/invite @relaybot`, or start `{workflow}` in a channel I am in.")
 RUN_BY_ADMINS = "Only admins can start `{workflow}` by hand."
+NO_RUNS = "No runs in this channel yet."
+NO_RUNS_OF = "No runs of `{workflow}` here yet."
+NEED_RUN = "Which run? `{command} {sub} <run id>` — `{command} runs` lists them."
+UNKNOWN_RUN = "There is no run `{run_id}` in this workspace."
+CANCEL_NOT_ALLOWED = "Only admins and the approvers of `{workflow}` can cancel its runs."
+CANCEL_ALREADY_ENDED = "Run `{run_id}` has already ended ({state}); nothing to cancel."
+CANCELLED = "Run `{run_id}` is cancelled. A step already running finishes; nothing else will run."
+
+
+def run_line(*, run_id: str, state: str, workflow: str, summary: str, created_at: datetime, url: str) -> str:
+    return (f"`{run_id}` {STATUS_TEXT.get(state, state)} · `{workflow}` · {escape(summary)} · "
+            f"{slack_date(created_at)} · <{url}|thread>")
+
+
+def run_list(lines: list[str]) -> str:
+    return "*Latest runs here*\n" + "\n".join(lines)
+
+
+def run_status(*, run_id: str, workflow: str, channel_id: str, state: str, summary: str,
+               step_lines: list[str]) -> str:
+    return "\n".join([f"*Run `{run_id}`* of `{workflow}` in <#{channel_id}>: {STATUS_TEXT.get(state, state)}",
+                      escape(summary), *step_lines])
+
+
 UNKNOWN_INTEGRATION = "I don't know the integration `{name}`. Integrations: {known}."
+NEED_INTEGRATION = "Which integration? `{command} connect <integration>` — one of {known}."
+# A word typed after `connect <integration>` may be a secret pasted in the wrong place: it is never echoed,
+# and the person is told what to do if it was one.
+CONNECT_EXTRA = ("`{command} connect {name}` takes nothing more, `rotate` or `set-secret`. Nothing was changed. "
+                 "If what you typed after `{name}` was a secret, treat it as exposed: it passed through a command. "
+                 "Replace it where it came from, then store the new one with "
+                 "`{command} connect {name} set-secret`, which opens a form.")
+CONNECT_ROTATE_EXTRA = "`{command} connect {name} rotate` takes nothing more. Nothing was changed."
 CONNECTION_NO_WEBHOOKS = "`{name}` does not receive webhooks, so it needs no connection."
 
 
-def enabled(*, workflow: str, params: dict[str, Any], updated: bool) -> str:
+def enabled(*, workflow: str, params: dict[str, Any], before: dict[str, Any] | None) -> str:
+    """`before`: the parameters of the subscription that was already here, or None for a new one."""
     shown = ", ".join(f"`{escape(k)}={escape(v)}`" for k, v in params.items())
-    verb = "updated" if updated else "enabled"
-    return f":white_check_mark: `{workflow}` {verb} in this channel" + (f" with {shown}." if shown else ".")
+    with_params = f" with {shown}." if shown else " with the workflow's defaults."
+    if before is None:
+        return f":white_check_mark: `{workflow}` enabled in this channel" + (f" with {shown}." if shown else ".")
+    if before == params:
+        return f":white_check_mark: `{workflow}` is already enabled in this channel{with_params} Nothing changed."
+    return (f":white_check_mark: `{workflow}` updated in this channel: now{with_params} "
+            "_Parameters you leave out keep their value; `key=` puts one back to its default._")
 
 
-def connection_created(*, integration: str, url: str, secret: str, hint: str) -> str:
+# How a setup hint names the connection's secret: shown just above it, or shown once long ago.
+SECRET_SHOWN_ABOVE = "the secret above"
+SECRET_SHOWN_BEFORE = "the connection's secret (shown when it was created)"
+
+
+def connection_created(*, integration: str, url: str, secret: str, hint: str, command: str) -> str:
     return (f":link: New *{integration}* connection.\nURL: `{url}`\nSecret: `{secret}`\n"
             f"_The secret is shown this once; store it in {integration} now. "
-            f"`/relay connect {integration} rotate` issues a new one._\n{hint}")
+            f"`{command} connect {integration} rotate` issues a new one._\n{hint}")
 
 
-def connection_existing(*, integration: str, url: str, hint: str) -> str:
+def connection_existing(*, integration: str, url: str, hint: str, command: str) -> str:
     return (f":link: *{integration}* connection URL: `{url}`\n_The secret was shown when the connection was "
-            f"created; `/relay connect {integration} rotate` issues a new one._\n{hint}")
+            f"created; `{command} connect {integration} rotate` issues a new one._\n{hint}")
 
 
 def connection_tool_secret(*, integration: str, url: str, hint: str, command: str, new: bool) -> str:
@@ -362,7 +412,11 @@ def connection_secret_stored(*, integration: str, url: str, created: bool) -> st
 SECRET_STORE_FAILED = ("relaybot could not store the secret (reference `{ref}`); nothing was changed. "
                        "An operator can find the reference in the log.")
 SECRET_VALUE_IN_COMMAND = ("Type only the name: `{command} secret set <NAME>` opens a form for the value, so it "
-                           "never passes through a command or a channel. Nothing was stored. If what you typed "
-                           "after the name was the real value, treat it as exposed and replace it at its source.")
+                           "never passes through a command or a channel. A name is letters, digits and `_`, not "
+                           "starting with a digit, at most {limit} characters (e.g. `DEPLOY_TOKEN`). Nothing was "
+                           "stored. If what you typed was the real value, treat it as exposed and replace it at its "
+                           "source.")
 CONNECTION_SET_SECRET_EXTRA = ("`{command} connect {name} set-secret` takes nothing more: it opens a form for the "
-                               "secret.")
+                               "secret. Nothing was stored. If what you typed after `set-secret` was the real "
+                               "secret, treat it as exposed: replace it in {name}, then paste the new one into the "
+                               "form.")

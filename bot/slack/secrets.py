@@ -187,14 +187,17 @@ async def cmd_secret(services: Services, command: Command, words: list[str]) -> 
         if not sub:
             return usage
         raise UserError(usage)
-    await _require_admin(services, command.team_id, command.user_id, messages.SECRET_MANAGE)
     name = words[1] if len(words) > 1 else ""
     if sub == "set":
-        if len(words) > 2:
-            raise UserError(messages.SECRET_VALUE_IN_COMMAND.format(command=command.name))
-        if name and (problem := name_problem(name)):
-            raise UserError(problem)
+        # Checked before anything else, the admin check included: whoever typed a value must hear it is exposed.
+        # A name that is not one (`FOO=value`, a pasted token) is not repeated back either.
+        if len(words) > 2 or (name and name_problem(name)):
+            raise UserError(messages.SECRET_VALUE_IN_COMMAND.format(command=command.name, limit=MAX_NAME_LENGTH))
+        await _require_admin(services, command.team_id, command.user_id, messages.SECRET_MANAGE)
         return await _open_form(services, command, secret_form(name=name, channel_id=command.channel_id))
+    await _require_admin(services, command.team_id, command.user_id, messages.SECRET_MANAGE)
+    if len(words) > (1 if sub == "list" else 2):
+        raise UserError(messages.SECRET_USAGE.format(command=command.name))
     if sub == "list":
         rows = await list_secrets(services.db, team_id=command.team_id)
         if not rows:
@@ -209,11 +212,9 @@ async def cmd_secret(services: Services, command: Command, words: list[str]) -> 
     return messages.SECRET_DELETED.format(name=messages.escape(name))
 
 
-async def open_connection_secret_form(services: Services, command: Command, integration: str,
-                                      extra: list[str]) -> str:
-    """`/relay connect <integration> set-secret` (the caller has checked that the user is an admin)."""
-    if extra:
-        raise UserError(messages.CONNECTION_SET_SECRET_EXTRA.format(command=command.name, name=integration))
+async def open_connection_secret_form(services: Services, command: Command, integration: str) -> str:
+    """`/relay connect <integration> set-secret` (the caller has checked its words, and that the user is an
+    admin)."""
     if not INTEGRATIONS[integration].receives_webhooks:
         raise UserError(messages.CONNECTION_NO_WEBHOOKS.format(name=integration))
     return await _open_form(services, command, connection_secret_form(integration=integration,
