@@ -154,10 +154,12 @@ class GitLab(Integration):
         action = _action(payload)
         kind = f"{object_kind}.{action}" if action else object_kind
         summary, link = summarize(object_kind, payload)
-        # One GitLab request can fire several hooks that share X-Gitlab-Event-UUID (a comment with a /close
-        # quick action sends a note and a merge request event): the kind keeps them apart.
+        # GitLab (17.4 and later) keeps Idempotency-Key when a delivery is sent again ("Resend request"), and
+        # gives the resend a new X-Gitlab-Event-UUID, so the key is what finds a redelivery. Without one, the
+        # event UUID does; one GitLab request can fire several hooks that share it (a comment with a /close
+        # quick action sends a note and a merge request event), so the kind keeps those apart.
         uuid = request.header("X-Gitlab-Event-UUID")
-        delivery = f"{uuid}:{kind}" if uuid else request.header("Idempotency-Key")
+        delivery = request.header("Idempotency-Key") or (f"{uuid}:{kind}" if uuid else None)
         headers = {name: request.header(name) or "" for name in
                    ("X-Gitlab-Event", "X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID", "X-Gitlab-Instance",
                     "Idempotency-Key", "User-Agent")

@@ -117,8 +117,8 @@ def sign_gitlab(*, body: bytes, secret: str, event: str | None, now: float) -> D
             kind = ""
         event = GITLAB_EVENT_HEADERS.get(kind, "System Hook")
     return Delivery(body, {
-        "Content-Type": "application/json", "User-Agent": "GitLab/17.0.0", "X-Gitlab-Event": event,
-        "X-Gitlab-Token": secret, "X-Gitlab-Event-UUID": str(uuid.uuid4()),
+        "Content-Type": "application/json", "User-Agent": "GitLab/17.5.0", "X-Gitlab-Event": event,
+        "X-Gitlab-Token": secret, "X-Gitlab-Event-UUID": str(uuid.uuid4()), "Idempotency-Key": str(uuid.uuid4()),
         "X-Gitlab-Instance": "https://gitlab.example.com",
     })
 

@@ -24,9 +24,11 @@ GITLAB_EVENT_HEADERS = {"push": "Push Hook", "tag_push": "Tag Push Hook", "issue
                         "build": "Job Hook", "deployment": "Deployment Hook", "release": "Release Hook"}
 
 
-def gitlab_headers(secret: str, payload: dict[str, Any], *, event_uuid: str | None = None) -> dict[str, str]:
+def gitlab_headers(secret: str, payload: dict[str, Any], *, event_uuid: str | None = None,
+                   idempotency_key: str | None = None) -> dict[str, str]:
     """GitLab sends the secret token as is, in X-Gitlab-Token."""
     return {"Content-Type": "application/json", "X-Gitlab-Token": secret,
+            **({"Idempotency-Key": idempotency_key} if idempotency_key else {}),
             "X-Gitlab-Event": GITLAB_EVENT_HEADERS.get(payload.get("object_kind", ""), "System Hook"),
             "X-Gitlab-Event-UUID": event_uuid or str(uuid.uuid4()),
             "X-Gitlab-Webhook-UUID": "1b2c3d4e-0000-4000-8000-000000000001", "User-Agent": "GitLab/17.5.0"}

@@ -46,9 +46,14 @@ async def test_a_gitlab_redelivery_starts_one_run(make_bot, workflows):
     note = json.loads((CORPORA / "gitlab/note_issue.json").read_text())
     third = await bot.post(url, dumps(note), gitlab_headers(secret, note, event_uuid="same-uuid"))
     assert third[0] == 202 and third[1]["duplicate"] is False
-    await bot.slack.wait_for(lambda: len(bot.cards()) >= 2)
+    # GitLab 17.4+: "Resend request" sends a new event UUID with the first delivery's Idempotency-Key.
+    mr = json.loads((CORPORA / "gitlab/merge_request.json").read_text())
+    sent = await bot.post(url, dumps(mr), gitlab_headers(secret, mr, event_uuid="u-1", idempotency_key="idem-1"))
+    resent = await bot.post(url, dumps(mr), gitlab_headers(secret, mr, event_uuid="u-2", idempotency_key="idem-1"))
+    assert sent[1]["duplicate"] is False and resent[1]["duplicate"] is True
+    await bot.slack.wait_for(lambda: len(bot.cards()) >= 3)
     await bot.settle()
-    assert await runs(bot) == 2
+    assert await runs(bot) == 3
 
 
 async def test_a_pagerduty_redelivery_starts_one_run_and_a_ping_none(make_bot, workflows):
