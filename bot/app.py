@@ -121,7 +121,8 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
     services.log_masker.install()
     bolt = build_bolt_app(services, socket_mode=socket_mode)
     door = WebhookDoor(db=services.db, keyring=services.keyring, inbox=services.inbox, metrics=services.metrics,
-                       max_body=settings.max_body, on_stored=services.engine.events_stored,
+                       max_body=settings.max_body, body_timeout=settings.body_timeout,
+                       on_stored=services.engine.events_stored,
                        door_first=services.engine.door)
     door.cache = services.connections
     app = web.Application(client_max_size=settings.max_body + 1024 * 1024)

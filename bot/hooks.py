@@ -7,6 +7,7 @@ else happens in the request; the engine takes the event from the inbox.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -76,8 +77,9 @@ def _json_error(status: int, message: str) -> web.Response:
 
 class WebhookDoor:
     def __init__(self, *, db: Database, keyring: Keyring, inbox: Inbox, metrics: Metrics, max_body: int,
-                 on_stored: object, door_first: DoorFirst | None = None) -> None:
+                 on_stored: object, door_first: DoorFirst | None = None, body_timeout: float = 30.0) -> None:
         self.db = db
+        self.body_timeout = body_timeout
         self.door_first = door_first or DoorFirst()
         self.keyring = keyring
         self.inbox = inbox
@@ -117,30 +119,25 @@ class WebhookDoor:
 
     async def _read_body(self, request: web.Request) -> bytes | None:
         """The body (decompressed if it came gzip- or deflate-encoded); None when it is larger than allowed.
-        Raises `BadPayload` for a body that does not decompress."""
+        Raises `BadPayload` for a body that does not decompress, `TimeoutError` for one that does not arrive
+        within `body_timeout`."""
         if request.content_length is not None and request.content_length > self.max_body:
             return None
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in request.content.iter_chunked(65536):
-                size += len(chunk)
-                if size > self.max_body:
-                    return None
-                chunks.append(chunk)
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > self.max_body:
+                        return None
+                    chunks.append(chunk)
         except (RequestPayloadError, HttpProcessingError, zlib.error):
             encoding = request.headers.get("Content-Encoding", "")
             raise BadPayload(f"the body is not valid {encoding} data (Content-Encoding)") from None
         return b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.door_first.entered()
-        try:
-            return await self._handle(request)
-        finally:
-            self.door_first.left()
-
-    async def _handle(self, request: web.Request) -> web.Response:
         connection_id = request.match_info["connection_id"]
         if self.door_first.full:
             # Before reading anything: this is the answer that must stay cheap when the engine is far behind.
@@ -148,6 +145,8 @@ class WebhookDoor:
             return web.json_response(
                 {"ok": False, "error": f"too many events are waiting to be processed ({self.door_first.backlog}); "
                                        f"retry later"}, status=503, headers={"Retry-After": str(BACKLOG_RETRY_AFTER)})
+        # The body is read before the request counts as waiting at the door: a slow sender uses no CPU, and must
+        # not make the engine rest.
         try:
             body = await self._read_body(request)
         except BadPayload as exc:
@@ -155,9 +154,21 @@ class WebhookDoor:
             refused = _json_error(400, str(exc))
             refused.force_close()  # the rest of the request cannot be read: this connection is done
             return refused
+        except TimeoutError:
+            self.metrics.events_rejected.labels(source="unknown", reason="timeout").inc()
+            refused = _json_error(408, f"the body did not arrive within {self.body_timeout:g} s")
+            refused.force_close()
+            return refused
         if body is None:
             self.metrics.events_rejected.labels(source="unknown", reason="too_large").inc()
             return _json_error(413, f"the body is larger than {self.max_body} bytes")
+        self.door_first.entered()
+        try:
+            return await self._handle(request, connection_id, body)
+        finally:
+            self.door_first.left()
+
+    async def _handle(self, request: web.Request, connection_id: str, body: bytes) -> web.Response:
         cached = self.cache.get(connection_id)
         known = cached or await self._lookup(connection_id)
         if known is None:

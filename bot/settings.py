@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     http_allow: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                        validation_alias="RELAYBOT_HTTP_ALLOW")
     max_body: int = Field(default=5 * 1024 * 1024, validation_alias="RELAYBOT_MAX_BODY")
+    # How long a webhook's body may take to arrive once its headers have (a stalled sender gets `408`).
+    body_timeout: float = Field(default=30.0, gt=0, validation_alias="RELAYBOT_BODY_TIMEOUT")
     # Stored events waiting to become runs at which new webhooks get `503` + `Retry-After` (0: no limit).
     max_backlog: int = Field(default=100_000, ge=0, validation_alias="RELAYBOT_MAX_BACKLOG")
     slack_channel_rate: float = Field(default=1.0, ge=0, validation_alias="RELAYBOT_SLACK_CHANNEL_RATE")

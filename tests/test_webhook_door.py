@@ -187,6 +187,34 @@ async def test_the_door_counts_requests_in_flight_back_to_zero_whatever_the_answ
     assert door_first.waiting == 0
 
 
+async def test_a_body_that_stalls_is_408_and_never_counts_as_waiting_at_the_door(make_bot, workflows):
+    bot, url, secret = await connected(make_bot, workflows, body_timeout=0.5)
+    door_first = bot.services.engine.door
+    host, port = url.split("/")[2].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    path = "/" + url.split("/", 3)[3]
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {secret}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"half\": ".encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    assert door_first.waiting == 0  # still sending: the engine is not made to rest for it
+    answer = await asyncio.wait_for(reader.read(1000), timeout=5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+    assert door_first.waiting == 0 and await stored_events(bot) == 0
+    # A body that arrives in time, in pieces, is taken as usual.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"summary": "slow but in time"}'
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(body[10:])
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202") and await stored_events(bot) == 1
+
+
 async def test_while_the_door_is_busy_the_engine_rests_but_still_starts_every_run(make_bot, workflows):
     bot, url, secret = await connected(make_bot, workflows)
     bot.services.engine.door.busy_at = 0  # as if a burst never ended
