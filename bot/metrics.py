@@ -30,6 +30,8 @@ class Metrics:
                                        ["source", "reason"], registry=self.registry)
         self.events_duplicate = Counter("relaybot_events_duplicate", "Deliveries seen before, started nothing",
                                         ["source"], registry=self.registry)
+        self.events_set_aside = Counter("relaybot_events_set_aside", "Stored events the intake failed on and set "
+                                        "aside (relaybot events list)", ["source"], registry=self.registry)
         self.runs_finished = Counter("relaybot_runs_finished", "Runs that ended, by outcome", ["outcome"],
                                      registry=self.registry)
         self.step_seconds = Histogram("relaybot_step_duration_seconds", "Time an action took, per attempt",

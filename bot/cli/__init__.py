@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from bot.cli import audit, db, dev, dryrun, keys, secrets, serve, validate
+from bot.cli import audit, db, dev, dryrun, events, keys, secrets, serve, validate
 from bot.cli.common import EXIT_CONFIG, configure_logging
 from bot.errors import ConfigError, WorkflowError
 from bot.settings import Settings, load_settings
 
-SUBCOMMANDS = (serve, dev, validate, dryrun, db, secrets, keys, audit)
+SUBCOMMANDS = (serve, dev, validate, dryrun, db, secrets, keys, audit, events)
 
 
 def build_parser() -> argparse.ArgumentParser:

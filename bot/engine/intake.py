@@ -18,19 +18,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot import audit
 from bot.audit import Actor
 from bot.engine import journal, states
 from bot.engine.cards import render_card
 from bot.engine.concurrency import pool_key
 from bot.engine.context import trigger_data
 from bot.engine.loader import Catalog, CompiledWorkflow
-from bot.engine.runner import finish_run
+from bot.engine.runner import SYSTEM, finish_run
 from bot.engine.states import FINAL_RUN_STATES
-from bot.errors import ExpressionError
+from bot.errors import ExpressionError, reference_id
 from bot.ids import new_run_id
 from bot.metrics import Metrics
 from bot.slack import messages
-from bot.store.db import Database, insert_later, row_of
+from bot.store.db import Database, database_unavailable, insert_later, row_of
 from bot.store.inbox import NewEvent
 from bot.store.models import Event, Run, Step, Subscription, WorkflowVersion
 from bot.store.plans import in_index_order
@@ -204,7 +205,76 @@ class Intake:
         PostgreSQL: one transaction takes the oldest pending events that no other process holds (`FOR UPDATE
         SKIP LOCKED`), plans and starts their runs. Reading first and claiming after, as on SQLite, made several
         processes plan the same oldest events and all but one find them taken.
+
+        A batch that fails for another reason than the database (a bug met by one event's payload) is taken
+        again one event at a time, and the event that fails on its own is set aside: otherwise it would fail
+        every batch it is in, and no event stored after it would ever start a run.
         """
+        try:
+            return await self._take(self._pending, self._pending_locked)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            log.warning("a batch of events failed; taking them one at a time to find the one that fails",
+                        exc_info=True)
+        return await self._take_one_at_a_time()
+
+    async def _take_one_at_a_time(self) -> Batch:
+        ids = list((await self.db.reading(lambda session: session.execute(
+            select(Event.id).where(Event.processed_at.is_(None)).order_by(Event.id).limit(self.batch_size)))
+        ).scalars())
+        total = Batch()
+        for event_id in ids:
+            only = select(Event).where(Event.id == event_id, Event.processed_at.is_(None))
+            for attempt in (1, 2):  # a failure that happens once (a deadlock, say) sets nothing aside
+                try:
+                    batch = await self._take(only, only.with_for_update(skip_locked=True))
+                    break
+                except Exception as exc:
+                    if database_unavailable(exc):
+                        raise
+                    if attempt == 2:
+                        await self._set_aside(event_id, exc)
+                        batch = Batch(taken=1)
+            total.taken += batch.taken
+            total.to_advance += batch.to_advance
+            total.undelivered += batch.undelivered
+        return total
+
+    async def _set_aside(self, event_id: int, error: Exception) -> None:
+        """Mark one event as done without runs, saying why (in the row, the log and the audit log)."""
+        ref = reference_id()
+        reason = f"{type(error).__name__}: {error}"[:2000] + f" [ref {ref}]"
+        log.error("event %s could not be started and is set aside (relaybot events retry %s puts it back) "
+                  "[ref %s]", event_id, event_id, ref, exc_info=error)
+        try:
+            source = await self._mark_set_aside(event_id, reason, ref, type(error).__name__, audited=True)
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            # The audit record itself may be what fails for this event: set it aside all the same.
+            log.exception("event %s: the audit record of setting it aside failed [ref %s]", event_id, ref)
+            source = await self._mark_set_aside(event_id, reason, ref, type(error).__name__, audited=False)
+        if source is not None:
+            self.metrics.events_set_aside.labels(source=source).inc()
+
+    async def _mark_set_aside(self, event_id: int, reason: str, ref: str, error_type: str, *,
+                              audited: bool) -> str | None:
+        now = datetime.now(UTC)
+        async with self.db.write() as session:
+            event = (await session.execute(
+                select(Event).where(Event.id == event_id, Event.processed_at.is_(None)))).scalar_one_or_none()
+            if event is None:  # taken by another process meanwhile
+                return None
+            event.processed_at, event.intake_error = now, reason
+            if audited:
+                await audit.append(session, team_id=event.team_id, actor=SYSTEM, action="event.set_aside",
+                                   outcome="failed", at=now,
+                                   details={"event_id": event.id, "source": event.source, "kind": event.kind,
+                                            "delivery": event.delivery_id, "error": error_type, "ref": ref})
+            return event.source
+
+    async def _take(self, pending: Select[Event], pending_locked: Select[Event]) -> Batch:
         now = datetime.now(UTC)
         batch = Batch()
         leased: list[Any] = []
@@ -212,7 +282,7 @@ class Intake:
 
         async def plan(session: AsyncSession, *, lock: bool) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
             async with in_index_order(session, postgres=not self.db.is_sqlite):
-                events = list((await session.execute(self._pending_locked if lock else self._pending)).scalars())
+                events = list((await session.execute(pending_locked if lock else pending)).scalars())
             if not events:
                 return [], []
             subscriptions: dict[str, list[Subscription]] = {}

@@ -38,7 +38,8 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, insert, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
@@ -62,6 +63,14 @@ def _json_column(stored: str | bytes | int | float) -> Any:
 JSON_CODEC: dict[str, Any] = {"json_serializer": jsontext.dumps, "json_deserializer": _json_column}
 BULK_KEY = "relaybot.insert_later"
 FINISH_KEY = "relaybot.before_commit"
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database could not be reached or used just now (a dropped connection, a lock
+    that timed out, a server restarting): worth trying again as it was, not a sign of what was asked."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError | InterfaceError | PoolTimeout | OSError | TimeoutError)
 
 
 def insert_later(session: AsyncSession | Session, model: type[Any], row: dict[str, Any]) -> bool:

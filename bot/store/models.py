@@ -147,6 +147,8 @@ class Event(Base):
     processed_at: Mapped[datetime | None]
     # Set when retention removed the payload (RELAYBOT_RETENTION_DAYS); the row stays for deduplication.
     pruned_at: Mapped[datetime | None]
+    # Why the intake set the event aside (it failed on its own, see `Intake`); None for every other event.
+    intake_error: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (
         UniqueConstraint("team_id", "source", "delivery_id"),
         # Only events still waiting to become runs, in id order: the intake's `ORDER BY id LIMIT n` walks it and
