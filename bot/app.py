@@ -35,7 +35,7 @@ from bot.settings import Settings
 from bot.slack.client import SlackApi, StaticToken, TeamPoster, TokenSource
 from bot.slack.installations import EncryptedInstallationStore, InstallationTokens
 from bot.slack.listeners import build_bolt_app
-from bot.slack.notices import tell_subscriber
+from bot.slack.notices import UndeliverableNotices
 from bot.slack.outbox import Outbox
 from bot.slack.people import People
 from bot.slack.socket_mode import connect as socket_mode_connect
@@ -88,7 +88,7 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
     outbox = Outbox(db=db, slack=slack, metrics=metrics, owner=owner, rate=settings.slack_channel_rate,
                     poll_interval=settings.worker_poll_interval,
                     lease=timedelta(seconds=settings.outbox_lease_seconds),
-                    on_undeliverable=lambda message, reason: tell_subscriber(db, slack, message, reason))
+                    on_undeliverable=UndeliverableNotices(db=db, slack=slack))
     intake = Intake(db=db, catalog=catalog, metrics=metrics, outbox=outbox, command=settings.command)
     runner = Runner(db=db, catalog=catalog, keyring=keyring, http=http,
                     slack_poster=lambda team_id: TeamPoster(slack, team_id), owner=owner, lease=lease,

@@ -234,7 +234,12 @@ async def test_bot_not_in_the_channel_is_explained(make_bot, workflows, target, 
     assert (await bot.github(url, secret, {"ref": "refs/heads/main"}, event="push"))[0] == 202
     dm = await slack.wait_for(lambda: [m for m in slack.teams[TEAM].messages.get(ADMIN, [])])
     assert "could not post its card in <#C0PRIVATE> (not_in_channel)" in dm[0].text
+    assert "I will not tell you again about `deploy` there for 1 h." in dm[0].text
+    # A burst of webhooks does not become a burst of direct messages.
+    for delivery in ("again-1", "again-2"):
+        assert (await bot.github(url, secret, {"ref": "refs/heads/main"}, event="push", delivery=delivery))[0] == 202
     await bot.settle()
+    assert len(slack.teams[TEAM].messages.get(ADMIN, [])) == 1
     async with bot.services.db.read() as session:
         states = set((await session.execute(select(OutboxMessage.state))).scalars())
     assert "failed" in states and "pending" not in states

@@ -243,9 +243,10 @@ NOT_ENABLED_UNKNOWN = ("`{workflow}` is not enabled in this channel, and there i
                        "`{command} list` shows the workflows.")
 NOT_IN_CHANNEL = (":warning: I am not in this channel yet, so I cannot post run cards here. Invite me with "
                   "`/invite @relaybot`.")
-CARD_UNDELIVERABLE = (":warning: Run `{run_id}` of `{workflow}` could not post its card in <#{channel}> "
-                      "({error}). Invite me there with `/invite @relaybot`, or disable the workflow in that "
-                      "channel; its approvals can still be given from my Home tab.")
+def card_undeliverable(*, run_id: str, workflow: str, channel: str, error: str, quiet: str) -> str:
+    return (f":warning: Run `{run_id}` of `{workflow}` could not post its card in <#{channel}> ({error}). Invite "
+            f"me there with `/invite @relaybot`, or disable the workflow in that channel; its approvals can still "
+            f"be given from my Home tab. _I will not tell you again about `{workflow}` there for {quiet}._")
 DISABLED = "`{workflow}` is disabled in this channel. Runs already going will finish."
 RUN_STARTED = "Started run `{run_id}` of `{workflow}`; its card follows in this channel."
 RUN_NOT_IN_CHANNEL = ("I am not in this channel, so I could not post the run's card or its thread here: nothing "
