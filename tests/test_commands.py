@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from bot.store.models import AuditRecord, Subscription
+from bot.store.models import AuditRecord, Event, Subscription
 from tests.conftest import ADMIN, ALICE, CHANNEL, TEAM, connection_from, write_workflow
 
 DEPLOY = """
@@ -124,6 +124,8 @@ async def test_run_by_hand_needs_the_required_parameters(make_bot, workflows, ta
     assert await bot.command("run page service=") == missing  # an empty value is no value
     assert await bot.command("run page service=api service=db") == "`service` is given twice; give each parameter once."
     assert await bot.command("enable page") == missing
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(Event))).scalars().all() == []  # a refused run stores nothing
     assert "`page` enabled" in await bot.command("enable page service=api")
     assert (await bot.command("run page")).startswith("Started run")  # the channel's subscription gives it
     # Slack's clients may type typographic double quotes (U+201C, U+201D); U+2019 stays an apostrophe.

@@ -27,7 +27,7 @@ from bot.engine.context import trigger_data
 from bot.engine.loader import Catalog, CompiledWorkflow
 from bot.engine.runner import SYSTEM, finish_run
 from bot.engine.states import FINAL_RUN_STATES
-from bot.errors import ExpressionError, reference_id
+from bot.errors import ExpressionError, UserError, reference_id
 from bot.ids import new_run_id
 from bot.metrics import Metrics
 from bot.slack import messages
@@ -53,6 +53,14 @@ def params_with_defaults(workflow: CompiledWorkflow, given: dict[str, Any]) -> d
     params = {name: spec.default for name, spec in workflow.model.params.items()}
     params.update(given)
     return params
+
+
+def check_required(workflow: CompiledWorkflow, params: dict[str, Any]) -> None:
+    """Refuse when a required parameter without a default has no value (an empty one is none)."""
+    for key, spec in workflow.model.params.items():
+        if spec.required and spec.default is None and params.get(key) in (None, ""):
+            raise UserError(messages.MISSING_PARAM.format(workflow=workflow.name, key=key,
+                                                          description=spec.description or "required"))
 
 
 @dataclass
@@ -336,6 +344,8 @@ class Intake:
             matches = await _matches(session, self.catalog, event)
             if not matches:
                 raise LookupError(f"workflow {new_event.target_workflow} is not in the catalog")
+            # The arguments over the channel's parameters, as the run will see them; refused, nothing is stored.
+            check_required(matches[0].workflow, matches[0].params)
             plan = self._plan_run(event, matches[0], now)
             await self._record(session, event, plan, now)
         return plan.run.id

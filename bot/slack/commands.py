@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 from bot import audit
 from bot.audit import Actor
 from bot.engine.context import run_url
-from bot.engine.intake import params_with_defaults
+from bot.engine.intake import check_required, params_with_defaults
 from bot.engine.loader import CompiledWorkflow
 from bot.engine.triggers.status import trigger_statuses
 from bot.errors import NotAllowed, NotFound, UserError
@@ -133,14 +133,6 @@ def check_params(workflow: CompiledWorkflow, given: dict[str, str], *, strict: b
         else:
             result[key] = value
     return result
-
-
-def check_required(workflow: CompiledWorkflow, params: dict[str, Any]) -> None:
-    """Refuse when a required parameter without a default has no value (an empty one is none)."""
-    for key, spec in workflow.model.params.items():
-        if spec.required and spec.default is None and params.get(key) in (None, ""):
-            raise UserError(messages.MISSING_PARAM.format(workflow=workflow.name, key=key,
-                                                          description=spec.description or "required"))
 
 
 def connection_url(services: Services, connection_id: str) -> str:
@@ -269,12 +261,6 @@ async def cmd_run(services: Services, command: Command, words: list[str]) -> str
         await require_admin(services, command, f"start `{workflow.name}` by hand")
     arguments = parse_pairs(command, "run", workflow.name, words[1:])
     event_data = check_params(workflow, arguments, strict=False)
-    async with services.db.read() as session:
-        subscribed = (await session.execute(select(Subscription.params).where(
-            Subscription.team_id == command.team_id, Subscription.channel_id == command.channel_id,
-            Subscription.workflow == workflow.name))).scalar_one_or_none()
-    declared = {key: value for key, value in event_data.items() if key in workflow.model.params}
-    check_required(workflow, params_with_defaults(workflow, {**(subscribed or {}), **declared}))
     if not await _bot_in_channel(services, command):
         # The run would go ahead with nobody seeing its card, its approvals or its thread.
         raise UserError(messages.RUN_NOT_IN_CHANNEL.format(workflow=workflow.name))
