@@ -41,6 +41,12 @@ async def test_migrations_create_exactly_the_models(database_url):
         async with db.engine.connect() as connection:
             assert await connection.run_sync(_differences) == []
         await migrate.upgrade(db)  # a second upgrade is a no-op
+        if not db.is_sqlite:  # webhook payloads: lz4, not pglz, where the server has it (this one does)
+            async with db.engine.connect() as connection:
+                method = await connection.scalar(text(
+                    "SELECT attcompression FROM pg_attribute WHERE attrelid = 'events'::regclass "
+                    "AND attname = 'payload'"))
+            assert method in ("l", b"l")  # a "char" column: asyncpg gives bytes
     finally:
         await db.dispose()
 
@@ -283,7 +289,8 @@ async def test_the_home_tab_and_the_active_runs_gauge_read_an_index_range_howeve
                 {"id": f"r{index:05d}", "team_id": "T1", "event_id": event_id, "workflow": workflows[index % 5],
                  "workflow_hash": "h" * 64, "channel_id": f"C{index % 3}",
                  "state": "waiting" if index % 500 == 0 else "succeeded", "title": "", "context": {}, "card": {},
-                 "created_at": now - timedelta(seconds=3000 - index)} for index, event_id in enumerate(event_ids)])
+                 "created_at": now - timedelta(seconds=3000 - index),
+                 "finished_at": None if index % 500 == 0 else now} for index, event_id in enumerate(event_ids)])
             await session.execute(insert(Subscription), [
                 {"team_id": "T1", "channel_id": f"C{channel}", "workflow": workflow, "params": {}, "created_by": "U1",
                  "created_at": now} for workflow in workflows for channel in range(3)])
@@ -316,5 +323,47 @@ async def test_the_home_tab_and_the_active_runs_gauge_read_an_index_range_howeve
             assert [run.id for run in (await session.execute(queries["latest"])).scalars()][:2] == ["r02999",
                                                                                                  "r02998"]
             assert dict((await session.execute(queries["active gauge"])).all()) == {"waiting": 6}
+    finally:
+        await db.dispose()
+
+
+async def test_the_runner_finds_due_runs_in_its_index_however_many_runs_have_ended(database_url):
+    """The runner looks for due runs on every round. Runs that have ended are kept, and a new database has no
+    statistics: PostgreSQL then read every run ever stored to find the few due ones (4 ms per round at 20,000
+    runs in a benchmark, growing with the table). The partial `ix_runs_due` holds only runs with a wake-up time,
+    and it is walked in order."""
+    from datetime import UTC, datetime, timedelta
+
+    from bot.engine.worker import due_runs
+    from bot.store.models import Run, WorkflowVersion
+    from bot.store.plans import in_index_order
+
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    now = datetime.now(UTC)
+    try:
+        async with db.write() as session:
+            session.add(WorkflowVersion(hash="h" * 64, name="wf", path="wf.yml", source="", created_at=now))
+            await session.flush()
+            await session.execute(insert(Event), [
+                {"team_id": "T1", "source": "webhook", "delivery_id": f"d{index}", "kind": "webhook", "payload": {},
+                 "headers": {}, "received_at": now, "actionable": True, "processed_at": now}
+                for index in range(5000)])
+            event_ids = (await session.execute(select(Event.id).order_by(Event.id))).scalars().all()
+            going = {index: now - timedelta(seconds=index) for index in (10, 20, 30)}  # due, oldest wake-up first
+            await session.execute(insert(Run), [
+                {"id": f"r{index:05d}", "team_id": "T1", "event_id": event_id, "workflow": "wf",
+                 "workflow_hash": "h" * 64, "channel_id": "C1", "title": "", "context": {}, "card": {},
+                 "state": "running" if index in going else "succeeded", "created_at": now - timedelta(hours=1),
+                 "finished_at": None if index in going else now, "wake_at": going.get(index)}
+                for index, event_id in enumerate(event_ids)])
+        async with db.write() as session:
+            for skip_locked in ((False,) if db.is_sqlite else (False, True)):
+                query = due_runs(now=now, limit=64, skip_locked=skip_locked)
+                async with in_index_order(session, postgres=not db.is_sqlite):
+                    plan = await _plan_of(session, query, sqlite=db.is_sqlite)
+                    found = (await session.execute(query)).scalars().all()
+                assert "ix_runs_due" in plan and "Seq Scan" not in plan and "SCAN runs\n" not in plan + "\n", plan
+                assert found == ["r00030", "r00020", "r00010"]
     finally:
         await db.dispose()

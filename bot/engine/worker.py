@@ -23,13 +23,16 @@ from bot.engine.runner import Runner
 from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.models import Event, Run
+from bot.store.plans import in_index_order
 
 log = logging.getLogger(__name__)
 
 
 def active_runs_by_state() -> Select[str, int]:
-    """How many runs are not finished yet, by state: read from `ix_runs_state`, not from every run."""
-    return (select(Run.state, func.count()).where(Run.state.in_(sorted(states.ACTIVE_RUN_STATES)))
+    """How many runs are not finished yet, by state: read from `ix_runs_state` (partial: `finished_at IS NULL`),
+    not from every run."""
+    return (select(Run.state, func.count()).where(Run.finished_at.is_(None),
+                                                  Run.state.in_(sorted(states.ACTIVE_RUN_STATES)))
             .group_by(Run.state))
 
 
@@ -37,6 +40,16 @@ async def _pending_events(session: AsyncSession) -> int:
     """Stored events not yet turned into runs (the pending index counts them)."""
     return int(await session.scalar(select(func.count()).select_from(Event).where(Event.processed_at.is_(None)))
                or 0)
+
+
+def due_runs(*, now: datetime, limit: int, skip_locked: bool) -> Select[str]:
+    """Runs still going whose wake-up time has come and that nobody holds, the longest due first (walks the
+    partial index `ix_runs_due`, which holds only runs with a wake-up time; on PostgreSQL inside
+    `in_index_order`, or a new database's planner reads every run ever stored to find none)."""
+    query = (select(Run.id).where(Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now,
+                                  or_(Run.lease_until.is_(None), Run.lease_until < now))
+             .order_by(Run.wake_at).limit(limit))
+    return query.with_for_update(skip_locked=True) if skip_locked else query
 
 
 class Engine(WorkLoop):
@@ -123,12 +136,9 @@ class Engine(WorkLoop):
         active = set(self._active)
 
         async def lease_due_runs(session: AsyncSession) -> list[str]:
-            due = (select(Run.id).where(Run.state.in_(states.ACTIVE_RUN_STATES), Run.wake_at <= now,
-                                        or_(Run.lease_until.is_(None), Run.lease_until < now))
-                   .order_by(Run.wake_at).limit(free))
-            if not self.db.is_sqlite:
-                due = due.with_for_update(skip_locked=True)
-            ids = [run_id for run_id in (await session.execute(due)).scalars() if run_id not in active]
+            due = due_runs(now=now, limit=free, skip_locked=not self.db.is_sqlite)
+            async with in_index_order(session, postgres=not self.db.is_sqlite):
+                ids = [run_id for run_id in (await session.execute(due)).scalars() if run_id not in active]
             if ids:
                 await session.execute(update(Run).where(Run.id.in_(ids))
                                       .values(lease_owner=self.owner, lease_until=now + self.lease))

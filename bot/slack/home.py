@@ -57,9 +57,10 @@ def last_runs_query(team_id: str, subscription_ids: list[int]) -> Select[Run]:
 
 
 def waiting_query(team_id: str) -> Select[Run, Step]:
-    """The workspace's runs waiting for a decision, newest first (`ix_runs_state`)."""
+    """The workspace's runs waiting for a decision, newest first (`ix_runs_state`, which holds only runs with
+    no `finished_at`)."""
     return (select(Run, Step).join(Step, Step.run_id == Run.id)
-            .where(Run.state == states.WAITING, Run.team_id == team_id,
+            .where(Run.finished_at.is_(None), Run.state == states.WAITING, Run.team_id == team_id,
                    Step.state.in_([states.STEP_WAITING, states.UNKNOWN]))
             .order_by(Run.created_at.desc()).limit(50))
 

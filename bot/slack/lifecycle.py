@@ -64,7 +64,7 @@ async def uninstall(services: Services, *, team_id: str, reason: str) -> None:
         await audit.append(session, team_id=team_id, actor=Actor.system(), action="app.uninstalled",
                            outcome="ok", reason=reason, at=now)
         active = list((await session.execute(select(Run.id).where(
-            Run.team_id == team_id, Run.state.in_(states.ACTIVE_RUN_STATES)))).scalars())
+            Run.team_id == team_id, Run.finished_at.is_(None), Run.state.in_(states.ACTIVE_RUN_STATES)))).scalars())
     for run_id in active:
         await cancel_run(services, run_id=run_id, team_id=team_id, actor=Actor.system(),
                          reason=f"the app was removed from the workspace ({reason})", notify=False)

@@ -170,6 +170,11 @@ class WorkflowVersion(Base):
     created_at: Mapped[datetime]
 
 
+_WAKES = text("wake_at IS NOT NULL")
+_POOLED = text("concurrency_key IS NOT NULL")
+_UNFINISHED = text("finished_at IS NULL")
+
+
 class Run(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -197,11 +202,14 @@ class Run(Base):
     lease_until: Mapped[datetime | None]
     __table_args__ = (
         UniqueConstraint("event_id", "subscription_id"),
-        Index("ix_runs_due", "wake_at"),
+        # Partial: only what is read. A run that has ended is never due, pooled runs are few, and the state index
+        # serves runs still going (their queries say `finished_at IS NULL`); see migration 0009.
+        Index("ix_runs_due", "wake_at", postgresql_where=_WAKES, sqlite_where=_WAKES),
         Index("ix_runs_team_channel", "team_id", "channel_id", "created_at"),
-        Index("ix_runs_concurrency", "concurrency_key", "state"),
+        Index("ix_runs_concurrency", "concurrency_key", "state", postgresql_where=_POOLED, sqlite_where=_POOLED),
         # The App Home tab and the runs-active gauge; without them each read every run the workspace ever had.
-        Index("ix_runs_state", "state", "team_id", "created_at"),
+        Index("ix_runs_state", "state", "team_id", "created_at", postgresql_where=_UNFINISHED,
+              sqlite_where=_UNFINISHED),
         Index("ix_runs_team_created", "team_id", "created_at"),
         Index("ix_runs_team_workflow", "team_id", "workflow", "channel_id", "created_at"),
     )
