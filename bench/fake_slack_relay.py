@@ -3,10 +3,11 @@
 
 relaybot needs more of Slack than n8n's workflow does: `auth.test`, `users.info` (is the user an admin?),
 `response_url` for slash-command replies, thread replies and `chat.update` for its card. So this process
-serves, on one loopback port:
+serves, on one loopback port (what each request gets; how, below):
 
-- `POST /api/chat.postMessage` without `thread_ts` (a run's card): counted by the harness's own
-  `fake_slack.post_message` (same `/stats`, same `probe t=<epoch>` latency samples as the n8n run);
+- `POST /api/chat.postMessage` without `thread_ts` (a run's card): counted as the harness's own
+  `fake_slack.post_message` counts it, in its `STATE` (same `/stats`, same `probe t=<epoch>` latency samples
+  as the n8n run);
 - `POST /api/chat.postMessage` with `thread_ts` (audit-thread replies) and `POST /api/chat.update` (card
   refreshes): answered `ok` at once and only counted (`replies`, `updates` in `/stats`), never stored;
 - every other Web API method and `/response/<id>`: `bot.emulator.webapi.SlackEmulator` (one team, an admin
@@ -16,6 +17,15 @@ serves, on one loopback port:
   slash command as Slack would and answers `{"reply": …, "connection": {"url", "secret", "connection_id"}}`
   with the webhook connection the bot announced in its ephemeral reply.
 
+Two layers. On a 2-core machine this process shares the CPU with relaybot, so its own work per message is part
+of the measuring setup, not relaybot's work: served by aiohttp it cost about 145 µs of CPU per request (two or
+three requests per card). So the public port is `lean_http.py`, a small HTTP/1.1 server that answers the three
+hot requests above itself — `chat.postMessage` and `chat.update`, JSON, the bench token, the bench channel,
+plain HTTP/1.1 — with the same counters (`fake_slack.STATE`, its `PROBE_RE`, `replies`, `updates`) and the same
+JSON answer. Every other request (set-up, slash commands, `/stats`, a wrong token or channel, a body that is not
+JSON, a chunked one, …) is relayed unchanged to the aiohttp application (`BenchSlack.app()`) on an internal
+loopback port, which behaves exactly as this fake did with aiohttp alone.
+
 On start it prints one JSON line: `{"url", "api_url", "token", "signing_secret", "team", "channel", "user"}`.
 """
 
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import ipaddress
 import json
@@ -33,8 +44,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from aiohttp import web
+from aiohttp.helpers import parse_content_type
+from lean_http import Request, start_server  # next to this file, which runs as a script (bench/ on sys.path)
 
 from bot.emulator.webapi import SlackEmulator
 
@@ -44,6 +58,13 @@ ADMIN = "U0BENCHAD"
 TOKEN = "xoxb-bench-relaybot-0001"
 SIGNING_SECRET = "bench-signing-secret"
 DEFAULT_HARNESS = os.environ.get("N8N_HARNESS", "/work/shared/bench/n8n")
+HOT_METHODS = {"/api/chat.postMessage": "chat.postMessage", "/api/chat.update": "chat.update"}
+
+
+@functools.lru_cache(maxsize=64)
+def media_type(content_type: str) -> str:
+    """`request.content_type` as aiohttp computes it (the email parser: slow, hence the cache; clients send one)."""
+    return parse_content_type(content_type)[0]
 
 
 def load_fake_slack(harness: str) -> ModuleType:
@@ -71,6 +92,50 @@ class BenchSlack:
         self.updates = 0
         self.other = 0
         self.rejected = 0
+
+    def hot_answer(self, request: Request) -> bytes | None:
+        """What `api` would answer to a card, thread reply or card update, with the same counting; None for any
+        other request, which then goes to the aiohttp app and `api`. Must stay in step with `api` below."""
+        method = HOT_METHODS.get(request.target)
+        content_type = request.headers.get("content-type")
+        if method is None or request.method != "POST" or content_type is None:
+            return None
+        if media_type(content_type) != "application/json":
+            return None
+        token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if token != TOKEN:
+            return None
+        try:
+            args = json.loads(request.body or b"{}")
+        except (ValueError, RecursionError):  # relayed: aiohttp answers it as before (the emulator's error, or 500)
+            return None
+        if not isinstance(args, dict) or args.get("channel") != CHANNEL:
+            return None
+        if method == "chat.update":
+            self.updates += 1
+            return json.dumps({"ok": True, "channel": CHANNEL, "ts": args.get("ts")}).encode()
+        if args.get("thread_ts"):
+            self.replies += 1
+            return json.dumps({"ok": True, "channel": CHANNEL, "ts": self.fake.STATE.next_ts()}).encode()
+        return self.count_card(request, args)
+
+    def count_card(self, request: Request, args: dict[str, Any]) -> bytes:
+        """`fake_slack.post_message` for a JSON body with the bench channel: it takes an aiohttp request, so its
+        counting is repeated here, step for step (same `STATE`, same `PROBE_RE`, so `/stats` cannot tell)."""
+        now_wall = time.time()
+        now_mono = time.monotonic()
+        state = self.fake.STATE
+        if not request.headers.get("authorization", "").startswith("Bearer ") and "token" not in args:
+            state.no_auth += 1
+        state.count += 1
+        if state.first_wall is None:
+            state.first_wall, state.first_mono = now_wall, now_mono
+        state.last_wall, state.last_mono = now_wall, now_mono
+        state.channels[CHANNEL] = state.channels.get(CHANNEL, 0) + 1
+        probe = self.fake.PROBE_RE.search(request.body)
+        if probe:
+            state.probe_lat.append(now_wall - float(probe.group(1)))
+        return json.dumps({"ok": True, "channel": CHANNEL, "ts": state.next_ts()}).encode()
 
     async def api(self, request: web.Request) -> web.StreamResponse:
         method = request.match_info["method"]
@@ -138,9 +203,11 @@ async def serve(host: str, port: int, harness: str) -> None:
     bench = BenchSlack(load_fake_slack(harness))
     runner = web.AppRunner(bench.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, 0)  # internal: only the front below talks to it
     await site.start()
-    bound = runner.addresses[0][1]
+    internal = runner.addresses[0]
+    front = await start_server(host, port, bench.hot_answer, (internal[0], internal[1]))
+    bound = front.sockets[0].getsockname()[1]
     url = f"http://{host}:{bound}"
     bench.emulator.base_url = url  # response_url and permalinks point here
     print(json.dumps({"url": url, "api_url": f"{url}/api/", "token": TOKEN, "signing_secret": SIGNING_SECRET,
@@ -148,6 +215,7 @@ async def serve(host: str, port: int, harness: str) -> None:
     try:
         await asyncio.Event().wait()
     finally:
+        front.close()
         await bench.emulator.stop()
         await runner.cleanup()
 
