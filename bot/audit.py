@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.store.db import before_commit
+from bot.store.db import before_commit, insert_rows
 from bot.store.models import AuditHead, AuditRecord
 
 GENESIS = "0" * 64
@@ -62,7 +62,6 @@ _PENDING_KEY = "relaybot.audit_pending"
 _RECORDS = cast(Table, AuditRecord.__table__)
 _HEADS = cast(Table, AuditHead.__table__)
 # Built once (building a statement cost more than running it).
-_INSERT_RECORDS = insert(_RECORDS)
 _MOVE_HEAD = (update(_HEADS).where(_HEADS.c.team_id == bindparam("team"))
               .values(seq=bindparam("seq"), hash=bindparam("hash")))
 
@@ -120,7 +119,7 @@ async def _write_chained(session: AsyncSession, records: list[dict[str, Any]]) -
         heads.append({"team": team_id, "seq": seq, "hash": prev_hash})
     if not heads:
         return
-    await session.execute(_INSERT_RECORDS, records)
+    await insert_rows(session, _RECORDS, records)
     await session.execute(_MOVE_HEAD, heads)
 
 

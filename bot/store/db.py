@@ -137,8 +137,23 @@ def _table_order(metadata: MetaData) -> dict[Table, int]:
 
 
 @functools.cache
-def _insert_into(table: Table) -> Any:
-    return insert(table)  # built once: building a statement cost more than a small executemany
+def _insert_into(table: Table, *, many_values: bool) -> Any:
+    # Built once: building a statement cost more than a small executemany.
+    if many_values:
+        # With RETURNING, SQLAlchemy sends the rows as multi-row VALUES, a few hundred per statement.
+        return insert(table).returning(*table.primary_key.columns)
+    return insert(table)
+
+
+async def insert_rows(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows into `table` (its primary keys are not wanted back).
+
+    PostgreSQL: as multi-row INSERTs. asyncpg's executemany runs the statement once per row, and PostgreSQL's
+    cost per execution was most of a small row's (runs: 57 µs per row alone, 41 µs in multi-row statements).
+    SQLite: one executemany, which runs in-process without a round trip per row anyway.
+    """
+    postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    await session.execute(_insert_into(table, many_values=postgres), rows)
 
 
 def _parents_first(model: type[Any]) -> int:
@@ -153,8 +168,8 @@ async def flush_later(session: AsyncSession) -> None:
         # Parents before children (runs before their steps), whatever order the rows were queued in.
         for model in sorted(pending, key=_parents_first) if len(pending) > 1 else list(pending):
             if pending[model]:
-                # The table, not the mapped class: a plain executemany, without the ORM's bulk path per row.
-                await session.execute(_insert_into(model.__table__), pending[model])
+                # The table, not the mapped class: without the ORM's bulk path per row.
+                await insert_rows(session, model.__table__, pending[model])
         pending.clear()
         finishers: dict[str, Callable[[AsyncSession], Awaitable[None]]] = session.info.get(FINISH_KEY) or {}
         if not finishers:
