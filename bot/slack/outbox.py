@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine.journal import CARD, POST, REPLY
@@ -69,6 +69,14 @@ _SET_CARD_TS = (update(_RUNS).where(_RUNS.c.id == bindparam("run"), _RUNS.c.card
                 .values(card_ts=bindparam("ts")))
 _MARK_SENT = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("message"))
               .values(state="sent", sent_at=bindparam("now"), result_ts=bindparam("ts")))
+# PostgreSQL: the same two updates, each one statement for the whole batch, its rows passed as arrays. Run once
+# per row (asyncpg's executemany), each execution cost PostgreSQL about 7 µs more than its row in one statement.
+_SET_CARD_TS_BATCH = text(
+    "UPDATE runs SET card_ts = batch.ts FROM unnest(CAST(:runs AS VARCHAR[]), CAST(:ts AS VARCHAR[])) "
+    "AS batch(id, ts) WHERE runs.id = batch.id AND runs.card_ts IS NULL")
+_MARK_SENT_BATCH = text(
+    "UPDATE outbox SET state = 'sent', sent_at = :now, result_ts = batch.ts "
+    "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:ts AS VARCHAR[])) AS batch(id, ts) WHERE outbox.id = batch.id")
 _INSERT_RETURNING_IDS = insert(_OUTBOX).returning(_OUTBOX.c.id)
 _INSERT_RETURNING_IDS_IN_ORDER = insert(_OUTBOX).returning(_OUTBOX.c.id, sort_by_parameter_order=True)
 
@@ -580,12 +588,18 @@ class Outbox(WorkLoop):
                       card_ts: dict[str, str], sent: dict[int, str | None], timestamps: dict[int, str],
                       superseded: list[int]) -> None:
         """What the deliveries learned, in one transaction; then their lanes are free for anyone again."""
-        # Row-by-row values as one executemany each, compiled once (a CASE over the batch was compiled anew).
-        if card_ts:
+        # Statements built once: a CASE over the batch was compiled anew each time. SQLite runs an executemany
+        # in-process, without a round trip per row.
+        if card_ts and self.db.is_sqlite:
             await session.execute(_SET_CARD_TS, [{"run": run_id, "ts": ts} for run_id, ts in card_ts.items()])
-        if sent:
+        elif card_ts:
+            await session.execute(_SET_CARD_TS_BATCH, {"runs": list(card_ts), "ts": list(card_ts.values())})
+        if sent and self.db.is_sqlite:
             await session.execute(_MARK_SENT, [{"message": message_id, "ts": timestamps.get(message_id), "now": now}
                                                for message_id in sent])
+        elif sent:
+            await session.execute(_MARK_SENT_BATCH, {"ids": list(sent), "now": now,
+                                                     "ts": [timestamps.get(message_id) for message_id in sent]})
         if superseded:
             await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(superseded))
                                   .values(state="superseded", sent_at=now))
