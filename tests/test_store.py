@@ -200,6 +200,7 @@ async def test_the_outbox_reads_a_page_of_pending_messages_however_many_wait(dat
     sorted all of them for each page of the lane scan (3 ms per page at 10,000, under the claim lock)."""
     from datetime import UTC, datetime
 
+    from bot.engine.posting import newest_pending
     from bot.slack.outbox import pending_page
 
     db = Database(database_url)
@@ -221,6 +222,18 @@ async def test_the_outbox_reads_a_page_of_pending_messages_however_many_wait(dat
             assert "ix_outbox_pending" in plan, plan
             assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan
             assert len((await session.execute(pending_page(after=0, now=now))).all()) == 256
+        async with db.engine.connect() as connection:
+            await connection.execute(text("ANALYZE"))
+            await connection.commit()
+        # A lane's pending messages (claims, lease renewals, a step's thread reply): from that lane's entries.
+        lanes = (select(OutboxMessage.id).where(OutboxMessage.lane.in_(["C7", "C8"]), OutboxMessage.state == "pending")
+                 .order_by(OutboxMessage.lane, OutboxMessage.id))
+        async with db.read() as session:
+            for name, query in {"lanes": lanes, "newest": newest_pending("C7")}.items():
+                plan = await _plan_of(session, query, sqlite=db.is_sqlite)
+                assert "ix_outbox_pending_lanes" in plan, (name, plan)
+            assert len((await session.execute(lanes)).all()) == 240
+            assert await session.scalar(newest_pending("C7")) is not None
     finally:
         await db.dispose()
 

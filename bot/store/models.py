@@ -173,6 +173,7 @@ class WorkflowVersion(Base):
 _WAKES = text("wake_at IS NOT NULL")
 _POOLED = text("concurrency_key IS NOT NULL")
 _UNFINISHED = text("finished_at IS NULL")
+_PENDING = text("state = 'pending'")
 
 
 class Run(Base):
@@ -301,7 +302,10 @@ class OutboxMessage(Base):
     sent_at: Mapped[datetime | None]
     result_ts: Mapped[str | None] = mapped_column(String(32))
     last_error: Mapped[str | None] = mapped_column(Text)
-    __table_args__ = (Index("ix_outbox_pending", "state", "id"),)
+    # Only pending messages (see migration 0011): the oldest ones, and a lane's.
+    __table_args__ = (Index("ix_outbox_pending", "id", postgresql_where=_PENDING, sqlite_where=_PENDING),
+                      Index("ix_outbox_pending_lanes", "lane", "id", postgresql_where=_PENDING,
+                            sqlite_where=_PENDING))
 
 
 # slack-sdk's OAuth tables (installations, bots, state), in our metadata so Alembic manages them too.
