@@ -388,7 +388,11 @@ class Database:
             self._thread_read_sessions = sessionmaker(self._thread_reader, expire_on_commit=False)
             self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaybot-sqlite-reader")
         else:
-            self._writer = create_async_engine(url, echo=echo, pool_size=10, max_overflow=10,
+            # LIFO: the connection used last is used next. Prepared statements and PostgreSQL's plans for them
+            # live per connection (each plans a statement five times before it keeps a generic plan), so a
+            # round robin over every pooled connection warmed all of them up: half the planning in a benchmark
+            # run went there (pg_stat_statements: 90 → 45 plannings of the intake's inserts, 19 → 11 connections).
+            self._writer = create_async_engine(url, echo=echo, pool_size=10, max_overflow=10, pool_use_lifo=True,
                                                pool_pre_ping=True, **JSON_CODEC)
             self._reader = self._writer
         self._write_sessions = async_sessionmaker(self._writer, expire_on_commit=False)
