@@ -141,6 +141,19 @@ async def test_a_transaction_body_may_only_wait_for_the_database(database_url):
         await db.dispose()
 
 
+async def _processed_events_of_one_workflow(session: Any, *, count: int, now: Any) -> list[int]:
+    """A workflow version (hash "h" * 64) and `count` webhook events of workspace T1 already turned into runs, for
+    tests that store runs; returns the events' ids in order."""
+    from bot.store.models import WorkflowVersion
+
+    session.add(WorkflowVersion(hash="h" * 64, name="wf", path="wf.yml", source="", created_at=now))
+    await session.flush()
+    await session.execute(insert(Event), [
+        {"team_id": "T1", "source": "webhook", "delivery_id": f"d{index}", "kind": "webhook", "payload": {},
+         "headers": {}, "received_at": now, "actionable": True, "processed_at": now} for index in range(count)])
+    return list((await session.execute(select(Event.id).order_by(Event.id))).scalars().all())
+
+
 async def _plan_of(session: Any, statement: Any, *, sqlite: bool) -> str:
     compiled = statement.compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True})
     explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
@@ -283,7 +296,7 @@ async def test_the_home_tab_and_the_active_runs_gauge_read_an_index_range_howeve
 
     from bot.engine.worker import active_runs_by_state
     from bot.slack.home import last_runs_query, latest_query, waiting_query
-    from bot.store.models import Run, Step, Subscription, WorkflowVersion
+    from bot.store.models import Run, Step, Subscription
 
     db = Database(database_url)
     await migrate.upgrade(db)
@@ -291,13 +304,7 @@ async def test_the_home_tab_and_the_active_runs_gauge_read_an_index_range_howeve
     workflows = [f"wf{index}" for index in range(5)]
     try:
         async with db.write() as session:
-            session.add(WorkflowVersion(hash="h" * 64, name="wf", path="wf.yml", source="", created_at=now))
-            await session.flush()
-            await session.execute(insert(Event), [
-                {"team_id": "T1", "source": "webhook", "delivery_id": f"d{index}", "kind": "webhook", "payload": {},
-                 "headers": {}, "received_at": now, "actionable": True, "processed_at": now}
-                for index in range(3000)])
-            event_ids = (await session.execute(select(Event.id).order_by(Event.id))).scalars().all()
+            event_ids = await _processed_events_of_one_workflow(session, count=3000, now=now)
             await session.execute(insert(Run), [
                 {"id": f"r{index:05d}", "team_id": "T1", "event_id": event_id, "workflow": workflows[index % 5],
                  "workflow_hash": "h" * 64, "channel_id": f"C{index % 3}",
@@ -348,7 +355,7 @@ async def test_the_runner_finds_due_runs_in_its_index_however_many_runs_have_end
     from datetime import UTC, datetime, timedelta
 
     from bot.engine.worker import due_runs
-    from bot.store.models import Run, WorkflowVersion
+    from bot.store.models import Run
     from bot.store.plans import in_index_order
 
     db = Database(database_url)
@@ -356,13 +363,7 @@ async def test_the_runner_finds_due_runs_in_its_index_however_many_runs_have_end
     now = datetime.now(UTC)
     try:
         async with db.write() as session:
-            session.add(WorkflowVersion(hash="h" * 64, name="wf", path="wf.yml", source="", created_at=now))
-            await session.flush()
-            await session.execute(insert(Event), [
-                {"team_id": "T1", "source": "webhook", "delivery_id": f"d{index}", "kind": "webhook", "payload": {},
-                 "headers": {}, "received_at": now, "actionable": True, "processed_at": now}
-                for index in range(5000)])
-            event_ids = (await session.execute(select(Event.id).order_by(Event.id))).scalars().all()
+            event_ids = await _processed_events_of_one_workflow(session, count=5000, now=now)
             going = {index: now - timedelta(seconds=index) for index in (10, 20, 30)}  # due, oldest wake-up first
             await session.execute(insert(Run), [
                 {"id": f"r{index:05d}", "team_id": "T1", "event_id": event_id, "workflow": "wf",

@@ -28,9 +28,12 @@ down_revision = '0008'
 branch_labels = None
 depends_on = None
 
-WAKES = sa.text("wake_at IS NOT NULL")
-POOLED = sa.text("concurrency_key IS NOT NULL")
-UNFINISHED = sa.text("finished_at IS NULL")
+# name, columns, and the rows it now holds
+PARTIAL = (
+    ("ix_runs_due", ["wake_at"], sa.text("wake_at IS NOT NULL")),
+    ("ix_runs_concurrency", ["concurrency_key", "state"], sa.text("concurrency_key IS NOT NULL")),
+    ("ix_runs_state", ["state", "team_id", "created_at"], sa.text("finished_at IS NULL")),
+)
 
 
 def _set_fillfactor(percent: int) -> None:
@@ -38,26 +41,19 @@ def _set_fillfactor(percent: int) -> None:
         op.execute(f"ALTER TABLE runs SET (fillfactor = {percent})")
 
 
+def _rebuild(*, partial: bool) -> None:
+    with op.batch_alter_table('runs', schema=None) as batch_op:
+        for name, columns, where in PARTIAL:
+            batch_op.drop_index(name)
+            batch_op.create_index(name, columns, unique=False, postgresql_where=where if partial else None,
+                                  sqlite_where=where if partial else None)
+
+
 def upgrade() -> None:
     _set_fillfactor(80)
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.drop_index('ix_runs_due')
-        batch_op.drop_index('ix_runs_concurrency')
-        batch_op.drop_index('ix_runs_state')
-        batch_op.create_index('ix_runs_due', ['wake_at'], unique=False, postgresql_where=WAKES,
-                              sqlite_where=WAKES)
-        batch_op.create_index('ix_runs_concurrency', ['concurrency_key', 'state'], unique=False,
-                              postgresql_where=POOLED, sqlite_where=POOLED)
-        batch_op.create_index('ix_runs_state', ['state', 'team_id', 'created_at'], unique=False,
-                              postgresql_where=UNFINISHED, sqlite_where=UNFINISHED)
+    _rebuild(partial=True)
 
 
 def downgrade() -> None:
     _set_fillfactor(100)
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.drop_index('ix_runs_state')
-        batch_op.drop_index('ix_runs_concurrency')
-        batch_op.drop_index('ix_runs_due')
-        batch_op.create_index('ix_runs_state', ['state', 'team_id', 'created_at'], unique=False)
-        batch_op.create_index('ix_runs_concurrency', ['concurrency_key', 'state'], unique=False)
-        batch_op.create_index('ix_runs_due', ['wake_at'], unique=False)
+    _rebuild(partial=False)
