@@ -335,7 +335,9 @@ class Session:
             await _terminate(self.slack_proc, 5)
         if self.http is not None:
             await self.http.close()
-        if self.pg_database:
+        if self.pg_database and self.args.keep:
+            log(f"{self.tag}: kept PostgreSQL database {self.pg_database}")
+        elif self.pg_database:
             import asyncpg
 
             admin = await asyncpg.connect(self.args.pg_dsn)
@@ -857,7 +859,8 @@ def main() -> int:
     parser.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, SQLite database)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (logs, SQLite database) and the PostgreSQL database")
     parser.add_argument("--out", help="write all numbers as JSON here")
     args = parser.parse_args()
     args.master_key = base64.b64encode(os.urandom(32)).decode()

@@ -47,6 +47,9 @@ async def test_migrations_create_exactly_the_models(database_url):
                     "SELECT attcompression FROM pg_attribute WHERE attrelid = 'events'::regclass "
                     "AND attname = 'payload'"))
             assert method in ("l", b"l")  # a "char" column: asyncpg gives bytes
+            async with db.engine.connect() as connection:  # room on each page for a run's updates
+                options = await connection.scalar(text("SELECT reloptions FROM pg_class WHERE relname = 'runs'"))
+            assert "fillfactor=50" in options
     finally:
         await db.dispose()
 
