@@ -111,3 +111,28 @@ def test_what_counts_as_the_database_being_unavailable():
     assert not database_unavailable(DataError("x", {}, Exception("value too long for type character varying")))
     assert not database_unavailable(IntegrityError("x", {}, Exception("duplicate key")))
     assert not database_unavailable(KeyError("payload"))
+
+
+@BOTH_DATABASES
+async def test_a_workflow_version_whose_transaction_failed_is_stored_again(make_bot, workflows, monkeypatch):
+    """The intake stores each workflow version once per process; one stored by a transaction that then failed
+    was never stored, and the runs of the next transaction must not name it as if it were."""
+    write_workflow(workflows, "catch", CATCH)
+    bot = await make_bot()
+    await bot.command("enable catch")
+    real_store_version = intake.Intake._store_version
+    failures = {"left": 1}
+
+    async def store_version(self, session, workflow, now):
+        await real_store_version(self, session, workflow, now)
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("INSERT …", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(intake.Intake, "_store_version", store_version)
+    await store_together(bot, [{"n": 1}, {"n": 2}])
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 2, timeout=20)
+    await bot.settle()
+    assert failures["left"] == 0
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(Event).where(Event.intake_error.is_not(None)))).scalars().all() == []

@@ -158,6 +158,7 @@ class LanesLeasedAhead(Protocol):
 # The busy path's statements, built once: building a statement and computing its cache key cost more than
 # executing it (an UPDATE ... IN built per call: 340 µs; the same, built once: 36 µs).
 _EVENTS = cast(Table, Event.__table__)
+_VERSIONS_KEY = "relaybot.workflow_versions"  # in a session's info: the versions its transaction stores
 _CLAIM_EVENTS = (update(_EVENTS)
                  .where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)), _EVENTS.c.processed_at.is_(None))
                  .values(processed_at=bindparam("now")).returning(_EVENTS.c.id))
@@ -286,6 +287,7 @@ class Intake:
         now = datetime.now(UTC)
         batch = Batch()
         leased: list[Any] = []
+        versions: set[str] = set()  # workflow versions this transaction stores
         room = self.outbox.room() if self.outbox is not None else 0
 
         async def plan(session: AsyncSession, *, lock: bool) -> tuple[list[Event], list[tuple[Event, _Planned]]]:
@@ -313,6 +315,7 @@ class Intake:
                     batch.to_advance += plan.run.state not in FINAL_RUN_STATES
             if self.outbox is not None and room and started:
                 leased.extend(await self.outbox.lease_new_runs(session, started[:room], now=now))
+            versions.update(session.info.get(_VERSIONS_KEY, ()))
 
         if self.db.is_sqlite:
             events, planned = await self.db.reading(functools.partial(plan, lock=False))
@@ -326,6 +329,7 @@ class Intake:
                 return events, planned
 
             events, planned = await self.db.transaction(plan_and_start)
+        self._remember_versions(versions)
         if not events:
             return batch
         batch.taken = len(events)
@@ -348,10 +352,15 @@ class Intake:
             check_required(matches[0].workflow, matches[0].params)
             plan = self._plan_run(event, matches[0], now)
             await self._record(session, event, plan, now)
+            versions = set(session.info.get(_VERSIONS_KEY, ()))
+        self._remember_versions(versions)
         return plan.run.id
 
     async def _store_version(self, session: AsyncSession, workflow: CompiledWorkflow, now: datetime) -> None:
-        if workflow.hash in self._stored_versions:
+        """Store the workflow's text once per process. Remembered only once the transaction has committed
+        (`_remember_versions`): had it failed, runs of later transactions would name a version never stored."""
+        stored_here: set[str] = session.info.setdefault(_VERSIONS_KEY, set())
+        if workflow.hash in self._stored_versions or workflow.hash in stored_here:
             return
         insert = sqlite_insert if self.db.is_sqlite else pg_insert
         # Another process may store the same version at the same moment.
@@ -359,7 +368,10 @@ class Intake:
                                                              path=workflow.path, source=workflow.source,
                                                              created_at=now)
                               .on_conflict_do_nothing(index_elements=["hash"]))
-        self._stored_versions.add(workflow.hash)
+        stored_here.add(workflow.hash)
+
+    def _remember_versions(self, versions: set[str]) -> None:
+        self._stored_versions |= versions
 
     def _plan_run(self, event: Event, match: Match, now: datetime) -> _Planned:
         """The run an event starts for one subscription, with its steps and its card (no database work)."""
