@@ -7,7 +7,7 @@ from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select, text, update
 
 from bot.engine.intake import pending_events
 from bot.hooks import recent_duplicate
@@ -382,5 +382,34 @@ async def test_the_runner_finds_due_runs_in_its_index_however_many_runs_have_end
                     found = (await session.execute(query)).scalars().all()
                 assert "ix_runs_due" in plan and "Seq Scan" not in plan and "SCAN runs\n" not in plan + "\n", plan
                 assert found == ["r00030", "r00020", "r00010"]
+    finally:
+        await db.dispose()
+
+
+async def test_the_door_s_backlog_is_exact_up_to_its_limit_without_counting_a_small_one(database_url):
+    from datetime import UTC, datetime
+
+    from bot.engine.worker import _backlog_up_to
+
+    db = Database(database_url)
+    await migrate.upgrade(db)
+    try:
+        now = datetime.now(UTC)
+        async with db.write() as session:
+            ids = await _processed_events_of_one_workflow(session, count=10, now=now)
+        async with db.read() as session:
+            assert await _backlog_up_to(session, limit=5) == 0
+        for pending in ([ids[2], ids[6]], ids[4:], ids):
+            async with db.write() as session:
+                await session.execute(update(Event).values(processed_at=now))
+                await session.execute(update(Event).where(Event.id.in_(pending)).values(processed_at=None))
+            for limit in (1, 2, 3, 5, 8, 100):
+                async with db.read() as session:
+                    counted = await _backlog_up_to(session, limit=limit)
+                # Whether the limit is reached is exact; below it, the number may be an upper bound.
+                assert (counted >= limit) == (len(pending) >= limit), (pending, limit, counted)
+                assert min(len(pending), limit) <= counted <= max(len(pending), limit), (pending, limit, counted)
+                if counted >= limit:
+                    assert counted == limit
     finally:
         await db.dispose()

@@ -30,7 +30,7 @@ class DoorFirst:
         self.longest_rest = longest_rest
         self.max_backlog = max_backlog  # 0: no limit
         self.waiting = 0  # requests in the webhook door right now
-        self.backlog = 0  # stored events not yet taken by the engine, as last counted
+        self.backlog = 0  # stored events not yet taken by the engine, as last counted (up to `max_backlog`)
 
     @property
     def full(self) -> bool:

@@ -8,6 +8,7 @@ advanced; a lease that expires because its process died lets any process take th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -40,6 +41,24 @@ async def _pending_events(session: AsyncSession) -> int:
     """Stored events not yet turned into runs (the pending index counts them)."""
     return int(await session.scalar(select(func.count()).select_from(Event).where(Event.processed_at.is_(None)))
                or 0)
+
+
+async def _backlog_up_to(session: AsyncSession, *, limit: int) -> int:
+    """Stored events not yet turned into runs, for the door's limit: exact up to `limit`.
+
+    Counting them read every pending event, once a second during a burst (3.4 ms at 15,000 waiting). The ids
+    from the oldest pending event to the newest event bound their number from above: while that bound is under
+    the limit it is the answer (two index lookups); only a backlog that may have reached the limit is counted,
+    and only up to it.
+    """
+    oldest = await session.scalar(select(func.min(Event.id)).where(Event.processed_at.is_(None)))
+    if oldest is None:
+        return 0
+    bound = int(await session.scalar(select(func.max(Event.id))) or oldest) - oldest + 1
+    if bound < limit:
+        return bound
+    waiting = select(Event.id).where(Event.processed_at.is_(None)).limit(limit).subquery()
+    return int(await session.scalar(select(func.count()).select_from(waiting)) or 0)
 
 
 def due_runs(*, now: datetime, limit: int, skip_locked: bool) -> Select[str]:
@@ -103,18 +122,16 @@ class Engine(WorkLoop):
 
     async def _count_backlog(self, *, full_batch: bool) -> None:
         """Keep the door's idea of the inbox backlog current: a batch that was not full took everything; after
-        a full one the rest is counted, at most once a second."""
+        a full one the rest is counted (up to the door's limit, the only use of the number), at most once a
+        second. Without a limit there is nothing to count."""
         assert self.door is not None
-        if not full_batch:
+        if not full_batch or not self.door.max_backlog:
             self.door.backlog = 0
             return
         if time.monotonic() - self._backlog_counted < 1.0:
             return
         self._backlog_counted = time.monotonic()
-        self.door.backlog = await self.pending_events()
-
-    async def pending_events(self) -> int:
-        return await self.db.reading(_pending_events)
+        self.door.backlog = await self.db.reading(functools.partial(_backlog_up_to, limit=self.door.max_backlog))
 
     async def refresh_gauges(self, metrics: Metrics) -> None:
         """Before a scrape: the inbox's depth and the runs not yet finished, by state."""
