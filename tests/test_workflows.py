@@ -79,7 +79,7 @@ def test_every_problem_is_reported_with_its_line():
         "w.yml:7: `steps.zzz.outcome`: unknown step id 'zzz'",
         "w.yml:11: http.request has no input 'extra'",
         "w.yml:11: http.request input 'url': 'ftp://x' does not have the expected form: an http or https URL",
-        "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown step id 'c'",
+        "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: step 'c' has not run yet here",
         "w.yml:13: `steps.c.outcome == \"x\" && params.nope == 1`: unknown parameter 'nope'",
         "w.yml:14: unknown action 'nope.x'",
         "w.yml:18: steps.2.timeout: '10x' is not a duration",
@@ -89,6 +89,34 @@ def test_every_problem_is_reported_with_its_line():
         assert needle in text, f"{needle!r} missing from:\n{text}"
     lines = [int(problem.split(":")[1]) for problem in found]
     assert lines == sorted(lines)
+
+
+def test_a_step_that_fails_its_schema_still_has_its_expressions_checked():
+    found = "\n".join(problems("""
+        name: x
+        on: webhook
+        card:
+          title: "${{ steps.b.outcome }}"
+        steps:
+          - id: a
+            uses: slack.post
+            with: {text: hi}
+          - id: b
+            timeout: 10x
+            if: event.a ==
+            title: "${{ nope.x }}"
+            uses: slack.post
+            with: {text: "${{ steps.b.outputs }} ${{ params.missing }}"}
+          - id: c
+            if: steps.b.outcome == "succeeded"
+            uses: slack.post
+            with: {text: "${{ steps.b.outputs.ts }}"}
+    """))
+    assert "w.yml:10: steps.1.timeout: '10x' is not a duration" in found
+    assert "w.yml:11: bad expression: `event.a ==`" in found
+    assert "w.yml:12: bad expression: `nope.x`: unknown name nope" in found
+    assert "w.yml:14: `params.missing`: unknown parameter 'missing'" in found
+    assert "unknown step id" not in found  # b is a step of the file, left out only for its timeout
 
 
 def test_missing_inputs_and_secrets_outside_inputs():

@@ -330,9 +330,12 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
     model = _validate(checker, Workflow, {key: value for key, value in data.items() if key != "steps"}, ())
     valid_steps: list[Step] = []
     raw_index: list[int] = []  # each valid step's position in the file, for line numbers
+    left_out: dict[int, dict[str, Any]] = {}  # steps that failed their schema, by position
     for index, raw_step in enumerate(raw_steps):
         step_model = _validate(checker, Step, raw_step, ("steps", index))
         if step_model is None:
+            if isinstance(raw_step, dict):
+                left_out[index] = raw_step
             continue
         if any(step.id == step_model.id for step in valid_steps):
             # Reported at the repeated `id:` and left out, so that the rest of the file is still checked.
@@ -349,7 +352,8 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
         checker.problem(("steps",), str(exc.errors()[0]["msg"]).removeprefix("Value error, "))
 
     params = set(model.params)
-    checker.step_ids = {step.id for step in model.steps}
+    # Steps left out for failing their schema are still named as steps (not as unknown ids) by the others.
+    checker.step_ids = {step.id for step in model.steps} | ({_raw_id(raw) for raw in left_out.values()} - {""})
     base = {"event", "trigger", "params", "run"}
 
     triggers: dict[str, BaseModel] = {}
@@ -381,7 +385,7 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
         concurrency_key = checker.expression(("concurrency", "key"), model.concurrency.key,
                                              allowed={"event", "trigger", "params"}, steps_before=set(),
                                              params=params)
-    all_steps = {step.id for step in model.steps}
+    all_steps = set(checker.step_ids)
     card_scope = {**{name: None for name in base}, "steps": None}
     card_title = checker.template(("card", "title"), model.card.title, allowed=set(card_scope),
                                   steps_before=all_steps, params=params)
@@ -398,9 +402,16 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
 
     steps: list[CompiledStep] = []
     earlier: set[str] = set()
-    for index, step in enumerate(model.steps):
-        path: Path_ = ("steps", raw_index[index])
-        scope = base | {"steps"}
+    scope = base | {"steps"}
+    valid_at = {raw_index[index]: index for index in range(len(model.steps))}
+    for position in sorted([*valid_at, *left_out]):
+        path: Path_ = ("steps", position)
+        if position in left_out:
+            _check_left_out(checker, path, left_out[position], scope=scope, earlier=earlier, params=params)
+            earlier |= {_raw_id(left_out[position])} - {""}
+            continue
+        index = valid_at[position]
+        step = model.steps[index]
         step_if = (checker.expression((*path, "if"), step.if_, allowed=scope, steps_before=earlier, params=params)
                    if step.if_ else None)
         title = checker.template((*path, "title"), step.title, allowed=scope, steps_before=earlier, params=params)
@@ -424,6 +435,23 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
                             concurrency_key=concurrency_key,
                             card_title=card_title, card_text=card_text, card_fields=card_fields,
                             card_link=card_link, triggers=triggers, steps=steps)
+
+
+def _raw_id(raw: dict[str, Any]) -> str:
+    return raw["id"] if isinstance(raw.get("id"), str) else ""
+
+
+def _check_left_out(checker: _Checker, path: Path_, raw: dict[str, Any], *, scope: set[str], earlier: set[str],
+                    params: set[str]) -> None:
+    """A step that failed its schema is left out, but its expressions are checked all the same, so that one
+    `relaybot validate` shows every problem rather than the next one after each fix."""
+    if isinstance(raw.get("if"), str):
+        checker.expression((*path, "if"), raw["if"], allowed=scope, steps_before=earlier, params=params)
+    if isinstance(raw.get("title"), str):
+        checker.template((*path, "title"), raw["title"], allowed=scope, steps_before=earlier, params=params)
+    if isinstance(raw.get("with"), dict):
+        checker.value((*path, "with"), raw["with"], allowed=scope | {"secrets"},
+                      steps_before=earlier | {_raw_id(raw)}, params=params)
 
 
 def content_hash(text: str) -> str:
