@@ -186,8 +186,8 @@ class Session:
     async def _start_slack(self) -> None:
         self.slack_proc = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "fake_slack_relay.py"), "--harness", self.args.harness,
-            env=self._source_env(dict(os.environ)), stdout=asyncio.subprocess.PIPE,
-            stderr=(self.tmp / "fake_slack.log").open("wb"), cwd=ROOT)
+            "--front", self.args.fake_slack_front, env=self._source_env(dict(os.environ)),
+            stdout=asyncio.subprocess.PIPE, stderr=(self.tmp / "fake_slack.log").open("wb"), cwd=ROOT)
         assert self.slack_proc.stdout is not None
         try:
             line = await asyncio.wait_for(self.slack_proc.stdout.readline(), 30)
@@ -196,7 +196,8 @@ class Session:
         if not line:
             raise RuntimeError(f"fake Slack did not start:\n{(self.tmp / 'fake_slack.log').read_text()}")
         self.slack = json.loads(line)
-        log(f"{self.tag}: fake Slack pid {self.slack_proc.pid} at {self.slack_url}")
+        log(f"{self.tag}: fake Slack pid {self.slack_proc.pid} at {self.slack_url} "
+            f"(front: {self.args.fake_slack_front})")
 
     async def _database(self) -> None:
         if self.args.db == "sqlite":
@@ -486,6 +487,10 @@ def print_levels(label: str, rows: list[dict[str, Any]]) -> None:
     print("   CPU per card, ms, from the window's start to the last card (drain included): "
           + "; ".join(f"c={r['conns']}: " + ", ".join(f"{part} {ms:.2f}" for part, ms in r["cpu_ms_per_card"].items())
                       for r in rows if "cpu_ms_per_card" in r))
+    print("   the drain alone (cards, no webhooks to accept; busy = the machine over the drain and the quiet spell "
+          "after it): " + "; ".join(
+              f"c={r['conns']}: " + ", ".join(f"{part} {ms:.2f}" for part, ms in r["cpu_ms_per_card_drain"].items())
+              + f", busy {r['drain_busy_pct']:.0f}%" for r in rows if "cpu_ms_per_card_drain" in r))
     for r in rows:
         machine_ms = r.get("cpu_ms_per_card", {}).get("machine")
         if machine_ms and r["cards_per_s_sustained"]:
@@ -528,16 +533,18 @@ def cpu_by_part(session: Session, loadgen: ModuleType) -> dict[str, float]:
     return {
         "relaybot": loadgen.cpu_ticks(loadgen.tree(session.bot_pids[0])) / ticks,
         "postgres": _postgres_ticks() / ticks,
-        "fake_slack": loadgen.cpu_ticks([session.slack_proc.pid]) / ticks if session.slack_proc else 0.0,
+        # its tree: the C front is a child process
+        "fake_slack": loadgen.cpu_ticks(loadgen.tree(session.slack_proc.pid)) / ticks if session.slack_proc else 0.0,
         "load": own.user + own.system + own.children_user + own.children_system,
         "machine": (sum(jiffies) - jiffies[3] - jiffies[4]) / ticks,  # not idle, not waiting for I/O
+        "wall": time.monotonic(),
     }
 
 
 def cpu_per_card(start: dict[str, float], end: dict[str, float], cards: int) -> dict[str, float]:
     """Milliseconds of CPU per card posted, by part, from the start of the measured window to the last card;
     `rest` is what the machine spent beyond the parts named."""
-    used = {part: end[part] - start[part] for part in start}
+    used = {part: end[part] - start[part] for part in start if part != "wall"}
     used["rest"] = used["machine"] - sum(v for k, v in used.items() if k != "machine")
     return {part: round(1000.0 * seconds / max(1, cards), 3) for part, seconds in used.items()}
 
@@ -545,7 +552,8 @@ def cpu_per_card(start: dict[str, float], end: dict[str, float], cards: int) -> 
 async def run_levels(args: argparse.Namespace, session: Session, loadgen: ModuleType) -> list[dict[str, Any]]:
     options = argparse.Namespace(
         url=session.urls[0], slack=session.slack_url, pid=session.bot_pids[0],
-        aux_pid=[session.slack_proc.pid] if session.slack_proc else [], label=args.label, levels=args.levels,
+        aux_pid=loadgen.tree(session.slack_proc.pid) if session.slack_proc else [], label=args.label,
+        levels=args.levels,
         repeats=args.repeats, duration=args.duration, warmup=args.warmup, threads_max=2, max_req=args.max_req,
         req_timeout=10, quiet=args.quiet, drain_max=args.drain_max, probe_rate=args.probe_rate,
         watch=[str(session.tmp / "relaybot.db*")] if args.db == "sqlite" else [],
@@ -557,7 +565,8 @@ async def run_levels(args: argparse.Namespace, session: Session, loadgen: Module
     machine_ticks = loadgen.machine_ticks
 
     def machine_ticks_marking_the_start() -> tuple[int, int]:
-        window.setdefault("start", cpu_by_part(session, loadgen))
+        # loadgen reads the machine's ticks twice per level: as the wrk window starts and as it ends.
+        window.setdefault("end" if "start" in window else "start", cpu_by_part(session, loadgen))
         return machine_ticks()
 
     loadgen.machine_ticks = machine_ticks_marking_the_start
@@ -570,6 +579,12 @@ async def run_levels(args: argparse.Namespace, session: Session, loadgen: Module
                     end = cpu_by_part(session, loadgen)  # one_level returns after the last card and a quiet spell
                     summary = level_summary(row)
                     summary["cpu_ms_per_card"] = cpu_per_card(window["start"], end, row["msgs_total"])
+                    # The drain alone: cards only, no webhooks to accept.
+                    summary["cpu_ms_per_card_drain"] = cpu_per_card(window["end"], end,
+                                                                    row["msgs_total"] - row["msgs_at_load_end"])
+                    drain_cpu = end["machine"] - window["end"]["machine"]
+                    summary["drain_busy_pct"] = round(
+                        100.0 * drain_cpu / max(1e-9, (end["wall"] - window["end"]["wall"]) * (os.cpu_count() or 1)), 1)
                     summary["raw"] = {k: v for k, v in row.items() if k != "raw"}
                     rows.append(summary)
                     log(f"c={conns}: {summary['accepted_rps']} accepted/s p99 {summary['accept_p99_ms']} ms, "
@@ -848,6 +863,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, help="relaybot serve processes on the one database")
     parser.add_argument("--workers", type=int, default=1, help="`relaybot serve --workers N`: worker processes "
                         "sharing each serve's port (CPU and RSS count the whole process tree)")
+    parser.add_argument("--fake-slack-front", choices=("auto", "c", "python"), default="auto",
+                        help="the fake Slack's front for the hot requests (fake_slack_relay.py --front)")
     parser.add_argument("--pg-dsn", default=PG_ADMIN_DSN, help="admin DSN; a new database is created and dropped")
     parser.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for relaybot serve")
     parser.add_argument("--source", help="run relaybot from this source tree (e.g. `git archive HEAD` unpacked) "
