@@ -92,18 +92,29 @@ def table(systems: list[tuple[str, dict[int, dict[str, Any]], float | None]]) ->
     return lines
 
 
-def machine_ceiling(one_process: dict[str, Any], level: int, cards_per_s: float) -> str:
+def _machine_ms(run: dict[str, Any], level: int) -> float | None:
+    values = [row["cpu_ms_per_card"]["machine"] for row in run.get("levels") or []
+              if row["conns"] == level and row.get("cpu_ms_per_card", {}).get("machine")]
+    return statistics.fmean(values) if values else None
+
+
+def machine_ceiling(one_process: dict[str, Any], two_processes: dict[str, Any], level: int, cards_per_s: float,
+                    two_cards_per_s: float) -> str:
     """What the machine could post at all if every core were busy at the one-process run's CPU per card (the
     bots', PostgreSQL's, the fake Slack's and the load generator's together): no number of processes on this
-    machine can beat that ratio, however well they share the work."""
-    machine_ms = [row["cpu_ms_per_card"]["machine"] for row in one_process.get("levels") or []
-                  if row["conns"] == level and row.get("cpu_ms_per_card", {}).get("machine")]
+    machine can beat that ratio, however well they share the work. Then what the two-process run itself cost per
+    card, against that: whether the ceiling or the cost of two processes held it back."""
+    one_ms, two_ms = _machine_ms(one_process, level), _machine_ms(two_processes, level)
     cores = (one_process.get("host") or {}).get("nproc")
-    if not machine_ms or not cores or not cards_per_s:
+    if not one_ms or not cores or not cards_per_s:
         return ""
-    ceiling = 1000.0 * cores / statistics.fmean(machine_ms)
-    return (f"; this machine's ceiling at the 1-process run's {statistics.fmean(machine_ms):.2f} ms of CPU per "
-            f"card ({cores} cores all busy): {ceiling:.0f} cards/s = {ceiling / cards_per_s:.2f}×")
+    ceiling = 1000.0 * cores / one_ms
+    text = (f"; this machine's ceiling at the 1-process run's {one_ms:.2f} ms of CPU per card ({cores} cores all "
+            f"busy): {ceiling:.0f} cards/s = {ceiling / cards_per_s:.2f}×")
+    if two_ms:
+        text += (f"; 2 processes: {two_ms:.2f} ms per card ({100.0 * (two_ms / one_ms - 1):+.0f} %), "
+                 f"{100.0 * two_cards_per_s / ceiling:.0f} % of the ceiling")
+    return text
 
 
 def pg_check(pairs: list[tuple[Any, Any]]) -> tuple[str, str, bool | None]:
@@ -121,7 +132,7 @@ def pg_check(pairs: list[tuple[Any, Any]]) -> tuple[str, str, bool | None]:
         missing += two[level]["missing"]
         if ratio is not None:
             ratios.append(ratio)
-        details.append(f"{b:.1f} vs {a:.1f} → {fmt(ratio, 2)}×" + machine_ceiling(pg1, level, a))
+        details.append(f"{b:.1f} vs {a:.1f} → {fmt(ratio, 2)}×" + machine_ceiling(pg1, pg2, level, a, b))
     name = f"PostgreSQL: 2 processes ≥ {TARGET_PG_RATIO:g}× 1 process cards/s ({level} conns)"
     if not ratios:
         return (name, "; ".join(details), None)
