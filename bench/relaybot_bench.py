@@ -564,12 +564,12 @@ async def run_levels(args: argparse.Namespace, session: Session, loadgen: Module
     window: dict[str, dict[str, float]] = {}
     machine_ticks = loadgen.machine_ticks
 
-    def machine_ticks_marking_the_start() -> tuple[int, int]:
+    def machine_ticks_marking_the_window() -> tuple[int, int]:
         # loadgen reads the machine's ticks twice per level: as the wrk window starts and as it ends.
         window.setdefault("end" if "start" in window else "start", cpu_by_part(session, loadgen))
         return machine_ticks()
 
-    loadgen.machine_ticks = machine_ticks_marking_the_start
+    loadgen.machine_ticks = machine_ticks_marking_the_window
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             for rep in range(1, args.repeats + 1):
