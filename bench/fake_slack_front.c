@@ -417,19 +417,12 @@ static void upstream_done(conn *up) {
     kill_conn(up);
     if (!client) { buffer_free(&answer); return; }
     client->peer = NULL;
-    /* past any interim 1xx answer; its head's own Connection headers replaced by ours */
-    size_t start = 0;
-    for (;;) {
-        char *head_end = memmem(answer.data + start, answer.len - start, "\r\n\r\n", 4);
-        if (!head_end || answer.len - start < 12) { start = answer.len; break; }
-        if (answer.data[start + 9] != '1') break;
-        start = (size_t)(head_end + 4 - answer.data);
-    }
-    char *head_end = start < answer.len ? memmem(answer.data + start, answer.len - start, "\r\n\r\n", 4) : NULL;
+    /* its head's own Connection headers replaced by ours (no interim 1xx: `relay` drops the client's Expect) */
+    char *head_end = answer.len ? memmem(answer.data, answer.len, "\r\n\r\n", 4) : NULL;
     if (!head_end) {
         send_error(client, 502, "Bad Gateway", "incomplete answer from the internal server.");
     } else {
-        const char *line = answer.data + start, *end = head_end + 2;
+        const char *line = answer.data, *end = head_end + 2;
         const char *line_end = memmem(line, (size_t)(end - line), "\r\n", 2);
         buffer_add(&client->out, line, (size_t)(line_end + 2 - line));
         for (line = line_end + 2; line < end; line = line_end + 2) {

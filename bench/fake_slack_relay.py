@@ -131,20 +131,25 @@ class BenchSlack:
     def count_card(self, request: Request, args: dict[str, Any]) -> bytes:
         """`fake_slack.post_message` for a JSON body with the bench channel: it takes an aiohttp request, so its
         counting is repeated here, step for step (same `STATE`, same `PROBE_RE`, so `/stats` cannot tell)."""
-        now_wall = time.time()
-        now_mono = time.monotonic()
+        now = (time.time(), time.monotonic())
         state = self.fake.STATE
         if not request.headers.get("authorization", "").startswith("Bearer ") and "token" not in args:
             state.no_auth += 1
-        state.count += 1
-        if state.first_wall is None:
-            state.first_wall, state.first_mono = now_wall, now_mono
-        state.last_wall, state.last_mono = now_wall, now_mono
-        state.channels[CHANNEL] = state.channels.get(CHANNEL, 0) + 1
+        self._add_cards(1, first=now, last=now)
         probe = self.fake.PROBE_RE.search(request.body)
         if probe:
-            state.probe_lat.append(now_wall - float(probe.group(1)))
+            state.probe_lat.append(now[0] - float(probe.group(1)))
         return json.dumps({"ok": True, "channel": CHANNEL, "ts": state.next_ts()}).encode()
+
+    def _add_cards(self, count: int, *, first: tuple[float, float], last: tuple[float, float]) -> None:
+        """`count` cards in the bench channel into `fake_slack.STATE`, the first and the last received at these
+        (wall clock, monotonic) times."""
+        state = self.fake.STATE
+        state.count += count
+        if state.first_wall is None:
+            state.first_wall, state.first_mono = first
+        state.last_wall, state.last_mono = last
+        state.channels[CHANNEL] = state.channels.get(CHANNEL, 0) + count
 
     async def api(self, request: web.Request) -> web.StreamResponse:
         method = request.match_info["method"]
@@ -181,22 +186,17 @@ class BenchSlack:
         """What the C front answered since it last said so (lines: `cards N first_wall first_mono last_wall
         last_mono`, `replies N`, `updates N`, `probe <latency seconds>` per probe card), added to the counters as
         `count_card` adds one card."""
-        state = self.fake.STATE
         for line in (await request.text()).splitlines():
             kind, *values = line.split()
             if kind == "cards" and int(values[0]):
                 first_wall, first_mono, last_wall, last_mono = (float(value) for value in values[1:5])
-                state.count += int(values[0])
-                if state.first_wall is None:
-                    state.first_wall, state.first_mono = first_wall, first_mono
-                state.last_wall, state.last_mono = last_wall, last_mono
-                state.channels[CHANNEL] = state.channels.get(CHANNEL, 0) + int(values[0])
+                self._add_cards(int(values[0]), first=(first_wall, first_mono), last=(last_wall, last_mono))
             elif kind == "replies":
                 self.replies += int(values[0])
             elif kind == "updates":
                 self.updates += int(values[0])
             elif kind == "probe":
-                state.probe_lat.append(float(values[0]))
+                self.fake.STATE.probe_lat.append(float(values[0]))
         return web.json_response({"ok": True})
 
     async def reset(self, request: web.Request) -> web.Response:
