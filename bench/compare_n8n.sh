@@ -14,7 +14,9 @@
 #      fixed-rate phase (RATE req/s, open loop) and a fresh bot with WAITING runs waiting for approval.
 #   3. (PG=1) relaybot on PostgreSQL (a new database on 127.0.0.1:5432, dropped afterwards), one process and
 #      two processes behind wrk's per-thread round-robin; PG_PAIRS=N runs that pair N times, one after the
-#      other, and the target is judged on the median of the N ratios (the machine's speed drifts).
+#      other, and the target is judged on the median of the N ratios (the machine's speed drifts). Odd pairs
+#      run one process first, even pairs two processes first: whatever a run leaves behind for the next one
+#      (PostgreSQL's checkpoint of its WAL, dirty pages, a warmer cache) then favours neither side.
 #   4. bench/compare_report.py: the table and the targets.
 #
 # Knobs (env): LEVELS=1,16,64 REPEATS=1 DURATION=20 WARMUP=5 PROBE_RATE=2 RATE=200 RATE_DURATION=20
@@ -99,7 +101,9 @@ fi
 pg_args=()
 if [ "$PG" = 1 ]; then
   for pair in $(seq "$PG_PAIRS"); do
-    for n in 1 2; do
+    order="1 2"
+    [ $((pair % 2)) = 0 ] && order="2 1"
+    for n in $order; do
       log "relaybot: PostgreSQL, $n process(es) (levels $PG_LEVELS, pair $pair of $PG_PAIRS)"
       name=relaybot-pg$n-$pair
       if (cd "$ROOT" && "$PY" "$HERE/relaybot_bench.py" --db postgres --processes "$n" --levels "$PG_LEVELS" \
