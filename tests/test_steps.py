@@ -291,3 +291,43 @@ async def test_runs_waiting_for_approval_show_in_the_active_runs_gauge(make_bot,
     await bot.settle()
     text = await gauge()
     assert 'relaybot_runs_active{state="waiting"} 0.0' in text and "relaybot_inbox_depth 0.0" in text
+
+
+async def test_thread_reply_fails_when_slack_refused_the_card(make_bot, workflows, slack):
+    """The bot is not in the channel: the card is refused for good, so a `thread: true` step can never reply.
+    It fails, saying why, and the run ends (it once waited for the card's ts forever, waking twice a second)."""
+    slack.add_channel(TEAM, "C0NOTIN01", "private-ops", bot_member=False)
+    write_workflow(workflows, "gate", """
+        name: gate
+        on: {webhook: {}}
+        steps:
+          - id: note
+            uses: slack.post
+            with: {text: hi, thread: true}
+          - id: after
+            uses: slack.post
+            with: {text: later}
+        """)
+    bot = await make_bot()
+    reply = await bot.command("enable gate", channel="C0NOTIN01")
+    url, secret = reply.split("URL: `")[1].split("`")[0], reply.split("Secret: `")[1].split("`")[0]
+    status, _ = await bot.post(url, b'{"summary": "x"}', {"Authorization": f"Bearer {secret}",
+                                                          "Content-Type": "application/json"})
+    assert status == 202
+
+    async def ended() -> Run | None:
+        async with bot.services.db.read() as session:
+            run = (await session.execute(select(Run))).scalar_one_or_none()
+        return run if run is not None and run.finished_at is not None else None
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while (run := await ended()) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the run never ended"
+        await asyncio.sleep(0.1)
+    run, steps = await run_record(bot)
+    assert run.state == "failed" and run.card_ts is None
+    assert [s.state for s in steps] == ["failed", "skipped"]
+    assert "Slack refused to post it (chat.postMessage: not_in_channel)" in (steps[0].error or "")
+    async with bot.services.db.read() as session:
+        actions = list((await session.execute(select(AuditRecord.action).order_by(AuditRecord.id))).scalars())
+    assert actions[-1] == "run.finished"

@@ -36,7 +36,7 @@ from bot.masking import LogMasker, MaskedSlackPoster
 from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
-from bot.store.models import Event, Run, Secret, Step, WorkflowVersion
+from bot.store.models import Event, OutboxMessage, Run, Secret, Step, WorkflowVersion
 from integrations.base import ActionContext, ActionFailed, SlackPoster
 from integrations.httpclient import HttpClient
 from integrations.registry import ACTIONS
@@ -99,6 +99,13 @@ async def finish_run(session: AsyncSession, *, run: Run, steps: list[Step], now:
     await journal.transition(session, run, actor=SYSTEM, action="run.finished", outcome=outcome, now=now,
                              details={"steps": counts, "seconds": round(seconds, 3)}, refresh_card=refresh_card,
                              thread=f"{said_before}\n{said}" if said_before else said)
+
+
+async def _card_refused(session: AsyncSession, run_id: str) -> str | None:
+    """Why Slack refused the run's card for good (the outbox gave up on it), or None while it may yet be posted."""
+    return await session.scalar(select(OutboxMessage.last_error).where(
+        OutboxMessage.run_id == run_id, OutboxMessage.kind == journal.CARD, OutboxMessage.state == "failed")
+        .limit(1))
 
 
 class Runner:
@@ -222,7 +229,13 @@ class Runner:
             # PENDING (ready), APPROVED, or RUNNING left behind by a process that died mid-step.
             if (compiled.model.uses == "slack.post" and compiled.model.with_.get("thread")
                     and run.card_ts is None):
-                # A thread reply needs the card's ts; the outbox posts the card first.
+                # A thread reply needs the card's ts; the outbox posts the card first, unless Slack refused it
+                # for good (the bot is not in the channel, say): then there will never be a thread.
+                refused = await _card_refused(session, run.id)
+                if refused is not None:
+                    await self._fail_step(session, workflow, run, event, steps, step,
+                                          messages.NO_THREAD_TO_REPLY_IN.format(error=refused), now)
+                    continue
                 run.state = states.RUNNING
                 run.wake_at = now + THREAD_WAIT
                 return None

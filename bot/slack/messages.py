@@ -142,6 +142,10 @@ def thread_run_finished(*, outcome: str, counts: dict[str, int], seconds: float)
     return f"{icon} Run {outcome}: {summary}; {duration(seconds)} in all."
 
 
+NO_THREAD_TO_REPLY_IN = ("`thread: true` needs the run's card, and Slack refused to post it ({error}); is relaybot "
+                         "in the channel?")
+
+
 def thread_run_queued(*, reason: str) -> str:
     return f":hourglass_flowing_sand: Queued until a slot is free ({escape(reason)})."
 
