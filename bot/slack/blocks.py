@@ -94,7 +94,7 @@ def run_card(run: Run, steps: Sequence[Step]) -> tuple[str, list[Block]]:
     card = run.card or {}
     title = card.get("title") or run.workflow
     summary = card.get("summary") or ""
-    link = card.get("link")
+    link = messages.link_target(card.get("link"))
     blocks: list[Block] = [{"type": "header", "text": {**_plain(_clip(title, 150)), "emoji": True}}]
     if summary or link:
         text = messages.escape(summary) or "source"

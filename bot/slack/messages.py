@@ -15,6 +15,23 @@ def escape(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+MAX_LINK = 2000
+
+
+def link_target(url: Any) -> str | None:
+    """A URL made safe to stand inside `<…|…>`, or None when it is not an http(s) URL: characters that would
+    end the link or start another (`<`, `>`, `|`, spaces, control characters) are percent-encoded and `&` is
+    escaped, so event data cannot turn a link into a mention or a second link of its own."""
+    if not isinstance(url, str):
+        return None
+    url = url.strip()
+    if not url.lower().startswith(("https://", "http://")) or len(url) > MAX_LINK:
+        return None
+    safe = "".join(f"%{ord(char):02X}" if char in '<>|"' or char.isspace() or ord(char) < 32 or ord(char) == 127
+                   else char for char in url)
+    return safe.replace("&", "&amp;")
+
+
 def user(user_id: str | None, name: str | None = None) -> str:
     if user_id and user_id[:1] in ("U", "W"):
         return f"<@{user_id}>"
@@ -266,8 +283,9 @@ CANCELLED = "Run `{run_id}` is cancelled. A step already running finishes; nothi
 
 
 def run_line(*, run_id: str, state: str, workflow: str, summary: str, created_at: datetime, url: str) -> str:
+    target = link_target(url)
     return (f"`{run_id}` {STATUS_TEXT.get(state, state)} · `{workflow}` · {escape(summary)} · "
-            f"{slack_date(created_at)} · <{url}|thread>")
+            f"{slack_date(created_at)} · " + (f"<{target}|thread>" if target else "thread"))
 
 
 def run_list(lines: list[str]) -> str:
