@@ -34,6 +34,7 @@ from bot.services import Services
 from bot.settings import Settings
 from bot.slack.client import SlackApi, StaticToken, TeamPoster, TokenSource
 from bot.slack.installations import EncryptedInstallationStore, InstallationTokens
+from bot.slack.lifecycle import restore_single_workspace
 from bot.slack.listeners import build_bolt_app
 from bot.slack.notices import UndeliverableNotices
 from bot.slack.outbox import Outbox
@@ -162,6 +163,8 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
 
     async def lifecycle(app: web.Application) -> Any:
         await migrate.upgrade(services.db)
+        if services.installations is None:
+            await restore_single_workspace(services)
         socket = await socket_mode_connect(bolt, settings) if socket_mode else None
         if run_workers:
             await services.engine.start()

@@ -187,6 +187,38 @@ async def waiting_card(bot, url, secret, *, by_command: str | None = None):
     return copy.deepcopy(card)
 
 
+async def test_single_workspace_reinstall_brings_the_workspace_back(make_bot, workflows, target, slack):
+    """SLACK_BOT_TOKEN mode has no OAuth callback: a restart with a token Slack accepts is the reinstall."""
+    write_workflow(workflows, "gate", GATE.replace("TARGET", target.url))
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command("enable gate"), "webhook")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {secret}"}
+    status, _ = await slack.send_event(TEAM, {"type": "app_uninstalled", "event_ts": "1.0"})
+    assert status == 200
+    await bot.settle()
+    for _ in range(50):
+        if (await bot.post(url, b"{}", headers))[0] == 404:
+            break
+        await slack.wait_for(lambda: True, timeout=0.1)
+    assert (await bot.post(url, b"{}", headers))[0] == 404
+    path = url.removeprefix(bot.url)
+    await bot.stop()
+
+    slack.fail("auth.test", error="invalid_auth")  # the old token, revoked: still stopped
+    bot = await make_bot()
+    assert (await bot.post(bot.url + path, b"{}", headers))[0] == 404
+    await bot.stop()
+
+    bot = await make_bot()  # a token Slack accepts for the workspace
+    assert (await bot.post(bot.url + path, b'{"summary": "back"}', headers))[0] == 202
+    card = await bot.wait_card(lambda m: "back" in block_texts(m))
+    assert "deploy" in block_texts(card)
+    async with bot.services.db.read() as session:
+        actions = [r.action for r in (await session.execute(
+            select(AuditRecord).where(AuditRecord.team_id == TEAM).order_by(AuditRecord.seq))).scalars()]
+    assert actions.index("app.uninstalled") < actions.index("app.reinstalled")
+
+
 async def test_approver_matrix(make_bot, workflows, target, slack):
     bot, url, secret = await approver_bot(make_bot, workflows, target)
     bot.seen = set()

@@ -3,11 +3,13 @@
 Uninstalling (`app_uninstalled`, or the bot token revoked) stops the workspace: its connection URLs answer
 404, its active runs are cancelled, undelivered Slack messages are dropped (there is no token to send them
 with) and its tokens are deleted. Its audit log, connections and subscriptions are kept, so reinstalling brings
-everything back with the same URLs and secrets.
+everything back with the same URLs and secrets: through the OAuth callback, or, in single-workspace mode, when
+the bot starts with a token that Slack accepts for that workspace (`restore_single_workspace`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 
@@ -77,3 +79,32 @@ async def uninstall(services: Services, *, team_id: str, reason: str) -> None:
     services.connections.forget()
     services.people.forget(team_id)
     log.info("workspace %s uninstalled (%s): %d runs cancelled", team_id, reason, len(active))
+
+
+async def restore_single_workspace(services: Services, *, timeout: float = 5.0) -> None:
+    """Single-workspace mode, at start-up: a workspace marked uninstalled whose token (`SLACK_BOT_TOKEN`) Slack
+    accepts again has been reinstalled, so it is brought back. Asks Slack only when some workspace is marked
+    uninstalled; an unreachable Slack delays the start by `timeout` at most and changes nothing."""
+    async with services.db.read() as session:
+        if await session.scalar(select(Workspace.team_id).where(Workspace.uninstalled_at.is_not(None)).limit(1)) \
+                is None:
+            return
+    try:
+        identity = await asyncio.wait_for(services.slack.call("", "auth.test"), timeout)
+    except Exception as exc:
+        log.warning("could not ask Slack which workspace SLACK_BOT_TOKEN belongs to (%s: %s); a workspace that "
+                    "uninstalled the app stays stopped", type(exc).__name__, exc)
+        return
+    team_id = identity.get("team_id")
+    now = datetime.now(UTC)
+    async with services.db.write() as session:
+        workspace = await session.get(Workspace, team_id) if team_id else None
+        if workspace is None or workspace.uninstalled_at is None:
+            return
+        workspace.uninstalled_at = None
+        workspace.installed_at = now
+        await audit.append(session, team_id=workspace.team_id, actor=Actor.system(), action="app.reinstalled",
+                           outcome="ok", reason="the bot started with a token Slack accepts for the workspace",
+                           at=now)
+    services.connections.forget()
+    log.info("workspace %s was reinstalled: its connections, subscriptions and triggers are back", team_id)
