@@ -337,3 +337,18 @@ async def test_one_item_that_cannot_be_written_fails_alone_not_the_items_written
     assert results[0] == 2 and results[2:] == [4, 6]
     assert isinstance(results[1], ValueError)
     assert sorted(item for batch in written for item in batch) == [1, 2, 3]
+
+
+async def test_healthz_says_when_the_database_cannot_be_reached(make_bot, workflows, monkeypatch):
+    bot = await make_bot()
+    async with bot.http().get(f"{bot.url}/healthz") as response:
+        assert response.status == 200
+        assert (await response.json())["database"] == "ok"
+
+    async def unreachable() -> None:
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    monkeypatch.setattr(bot.services.db, "ping", unreachable)
+    async with bot.http().get(f"{bot.url}/healthz") as response:
+        assert response.status == 503
+        assert await response.json() == {"ok": False, "database": "unreachable: ConnectionRefusedError"}
