@@ -176,6 +176,28 @@ def test_a_workflow_by_name_and_a_command_run(capsys, tmp_path, monkeypatch):
     assert "`restart` ← /relay run" in out
 
 
+def test_kind_chooses_the_trigger_the_event_comes_through(capsys, tmp_path):
+    flow = write_workflow(tmp_path / "flows", "nightly", """
+        name: nightly
+        on:
+          github: {events: [push]}
+          schedule: {cron: "0 3 * * *"}
+        steps:
+          - id: say
+            uses: slack.post
+            with: {text: "via ${{ trigger.source }} (${{ trigger.kind }})", thread: true}
+        """)
+    event = tmp_path / "empty.json"
+    event.write_text("{}")
+    code, out, _ = dry_run(capsys, str(flow), "--event", str(event), "--kind", "schedule", mocks=False)
+    assert code == 0, out
+    assert "via schedule (schedule)" in " ".join(section(out, "Thread"))
+    code, out, _ = dry_run(capsys, str(flow), "--event", str(OPENED.parent / "push.json"), "--kind", "push",
+                           mocks=False)
+    assert code == 0, out
+    assert "via github (push)" in " ".join(section(out, "Thread"))
+
+
 def test_wrong_input_exits_2_before_anything_runs(capsys, release, tmp_path):
     code, _, err = dry_run(capsys, str(release), "--event", str(MERGED), "--approve", "nosuchstep", mocks=False)
     assert code == 2 and "no step 'nosuchstep'" in err and "build, deploy, announce" in err

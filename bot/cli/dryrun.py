@@ -45,9 +45,10 @@ def register(sub: Any) -> None:
                         help="the event body as the tool sends it (JSON); integrations/examples/ has some")
     parser.add_argument("--kind", help="the event's kind: for GitHub <X-GitHub-Event>[.<action>]; `command` "
                                        "starts the run with /relay run (the file then holds its key=value "
-                                       "arguments as a JSON object); for poll and schedule the kind to record")
-    parser.add_argument("--source", help="which of the workflow's triggers the event comes through "
-                                         "(default: its first)")
+                                       "arguments as a JSON object); `schedule` or `poll` fires that trigger")
+    parser.add_argument("--source", help="which of the workflow's triggers the event comes through (default: the "
+                                         "one --kind names, else, with --kind, the first that receives webhooks, "
+                                         "else the first)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter of the subscription, as `/relay enable` takes it (repeatable)")
     parser.add_argument("--approve", nargs="+", action="extend", metavar="all|none|STEP",
@@ -149,7 +150,13 @@ def find_workflow(reference: str, settings: Settings) -> Any:
                        "RELAYBOT_WORKFLOWS_DIR)")
 
 
+TIMED_TRIGGERS = ("schedule", "poll")
+
+
 def choose_source(workflow: Any, args: argparse.Namespace) -> str:
+    """The trigger the event comes through: `--source`; else the one `--kind` names (`schedule`, `poll`,
+    `command`); else, for any other kind (a tool's event), the first trigger that receives webhooks; else the
+    first trigger."""
     triggers = list(workflow.triggers)
     if args.kind == "command" or args.source == "command":
         return "command"
@@ -160,6 +167,12 @@ def choose_source(workflow: Any, args: argparse.Namespace) -> str:
         return str(args.source)
     if not triggers:
         return "command"
+    if args.kind in triggers:
+        return str(args.kind)
+    if args.kind:
+        received = [trigger for trigger in triggers if trigger not in TIMED_TRIGGERS]
+        if received:
+            return str(received[0])
     return str(triggers[0])
 
 
