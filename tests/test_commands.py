@@ -102,6 +102,25 @@ async def test_run_by_hand_uses_arguments_as_the_event(make_bot, workflows, targ
     assert "not allowed" in await bot.command("run deploy replicas=9")
 
 
+async def test_run_by_hand_is_not_filtered_by_the_workflow_if(make_bot, workflows, target):
+    """`if:` filters the tools' events; `/relay run` is a person asking for a run (docs/workflows.md)."""
+    write_workflow(workflows, "merged", f"""
+        name: merged
+        on: webhook
+        if: event.action == "closed"
+        steps:
+          - id: ship
+            if: event.action != "skip"
+            uses: http.request
+            with: {{url: "{target.url}/ship", method: POST}}
+        """)
+    bot = await make_bot()
+    assert (await bot.command("run merged action=opened")).startswith("Started run")
+    assert (await bot.command("run merged action=skip")).startswith("Started run")
+    await bot.settle()
+    assert len(target.requests_to("/ship")) == 1  # the step's own `if:` still holds
+
+
 REQUIRED = """
 name: page
 title: Page someone
