@@ -30,7 +30,7 @@ from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
 from bot.store.models import Connection, Event, Workspace
-from integrations.base import BadPayload, IncomingWebhook, Integration
+from integrations.base import BadPayload, IncomingWebhook, Integration, ParsedEvent
 from integrations.registry import INTEGRATIONS
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # rejects is checked again against the stored one.
 CACHE_SECONDS = 5.0
 BACKLOG_RETRY_AFTER = 30  # seconds
+_CONNECTION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # `ids.new_connection_id`
 
 
 @dataclass
@@ -170,7 +171,8 @@ class WebhookDoor:
 
     async def _handle(self, request: web.Request, connection_id: str, body: bytes) -> web.Response:
         cached = self.cache.get(connection_id)
-        known = cached or await self._lookup(connection_id)
+        # An id relaybot cannot have made (a NUL in it, which PostgreSQL refuses to compare) is not looked up.
+        known = cached or (await self._lookup(connection_id) if _CONNECTION_ID.fullmatch(connection_id) else None)
         if known is None:
             self.metrics.events_rejected.labels(source="unknown", reason="unknown_connection").inc()
             return _json_error(404, "unknown connection")
@@ -192,10 +194,17 @@ class WebhookDoor:
                      known.integration)
             return _json_error(401, "bad or missing signature")
         try:
-            parsed = integration.parse(incoming)
+            parsed = _checked(integration.parse(incoming))
         except BadPayload as exc:
             self.metrics.events_rejected.labels(source=known.integration, reason="malformed").inc()
             return _json_error(400, str(exc))
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+            # Signed, but not shaped as the tool's events are (a test sent by hand, say): say so, not 500.
+            self.metrics.events_rejected.labels(source=known.integration, reason="malformed").inc()
+            log.info("webhook for connection %s (%s): the payload is not shaped as its events are: %s: %s",
+                     connection_id, known.integration, type(exc).__name__, exc)
+            return _json_error(400, f"the payload is not shaped as a {known.integration} event "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})")
         if _UNSTORABLE_ESCAPES.search(body):
             parsed.payload = _storable_payload(parsed.payload)
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
@@ -225,6 +234,19 @@ class WebhookDoor:
         # SPEC: a `ping` (a sender testing the connection) is answered 200; every other event 202.
         return web.json_response({"ok": True, "event": stored.event_id, "duplicate": stored.duplicate},
                                  status=202 if parsed.actionable else 200)
+
+
+def _checked(parsed: ParsedEvent) -> ParsedEvent:
+    """What `parse()` read from the payload, as the store needs it: texts are texts (a link that was a number in
+    the payload is no link)."""
+    if parsed.link is not None and not isinstance(parsed.link, str):
+        parsed.link = None
+    for name in ("kind", "summary"):
+        if not isinstance(getattr(parsed, name), str):
+            raise BadPayload(f"the event's {name} is not text")
+    if parsed.event_name is not None and not isinstance(parsed.event_name, str):
+        parsed.event_name = str(parsed.event_name)
+    return parsed
 
 
 def storable(text: str, limit: int) -> str:

@@ -136,3 +136,36 @@ async def test_a_workflow_version_whose_transaction_failed_is_stored_again(make_
     assert failures["left"] == 0
     async with bot.services.db.read() as session:
         assert (await session.execute(select(Event).where(Event.intake_error.is_not(None)))).scalars().all() == []
+
+
+async def test_a_payload_the_default_card_cannot_read_still_starts_its_run(make_bot, workflows):
+    """PagerDuty's `assignees` as a number: the door accepts the signed event, and its run starts with a card
+    of the summary only (the card once failed the intake, and the event was set aside)."""
+    import hashlib
+    import hmac
+    import json
+
+    from bot.audit import Actor
+    from bot.slack.secrets import store_connection_secret
+    from tests.conftest import CORPORA
+
+    write_workflow(workflows, "pd", "name: pd\non: {pagerduty: {}}\nsteps: []\n")
+    bot = await make_bot()
+    await bot.command("enable pd")
+    connection, _ = await store_connection_secret(bot.services.db, bot.services.keyring, team_id=TEAM,
+                                                  integration="pagerduty", value="pd-secret",
+                                                  actor=Actor("U0ADMIN01", "ada"))
+    payload = json.loads((CORPORA / "pagerduty/incident.priority_updated.json").read_text())
+    payload["event"]["data"]["assignees"] = 3
+    body = json.dumps(payload).encode()
+    digest = hmac.new(b"pd-secret", body, hashlib.sha256).hexdigest()
+    status, _ = await bot.post(f"{bot.url}/hooks/{connection}", body, {
+        "Content-Type": "application/json", "X-Webhook-Id": "w1", "X-PagerDuty-Signature": f"v1={digest}"})
+    assert status == 202
+    card = await bot.wait_card()
+    await bot.settle()
+    async with bot.services.db.read() as session:
+        event = (await session.execute(select(Event))).scalar_one()
+        run = (await session.execute(select(Run))).scalar_one()
+    assert event.intake_error is None and run.state == "succeeded"
+    assert run.card["title"] == "pd" and card.text

@@ -66,6 +66,14 @@ async def test_bad_or_missing_signature_is_401_and_stores_nothing(make_bot, work
         {"webhook-id": "m", "webhook-timestamp": stamp, "webhook-signature": "v1,AAAA"},
         {"webhook-id": "m", "webhook-timestamp": old,
          "webhook-signature": standard_webhooks_signature(secret=secret, msg_id="m", timestamp=old, body=body)},
+        # not a time: a 400-digit number once overflowed the comparison (500); `int()` also reads these
+        {"webhook-id": "m", "webhook-timestamp": "1" + "0" * 400, "webhook-signature": "v1,AAAA"},
+        {"webhook-id": "m", "webhook-timestamp": f"+{stamp}",
+         "webhook-signature": standard_webhooks_signature(secret=secret, msg_id="m", timestamp=f"+{stamp}",
+                                                          body=body)},
+        {"webhook-id": "m", "webhook-timestamp": f"{stamp[:5]}_{stamp[5:]}",
+         "webhook-signature": standard_webhooks_signature(secret=secret, msg_id="m",
+                                                          timestamp=f"{stamp[:5]}_{stamp[5:]}", body=body)},
     ]
     for headers in cases:
         status, answer = await bot.post(url, body, headers)
@@ -74,6 +82,7 @@ async def test_bad_or_missing_signature_is_401_and_stores_nothing(make_bot, work
     assert await stored_events(bot) == 0
 
 
+@BOTH_DATABASES
 async def test_limits_and_malformed_bodies(make_bot, workflows):
     bot, url, secret = await connected(make_bot, workflows, max_body=1024)
     auth = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
@@ -83,6 +92,9 @@ async def test_limits_and_malformed_bodies(make_bot, workflows):
     assert status == 400 and "not valid JSON" in answer["error"]
     status, _ = await bot.post(url.rsplit("/", 1)[0] + "/c_unknown", b"{}", auth)
     assert status == 404
+    for odd in ("c%00x", "c_%C3%A9", "c_" + "a" * 200):  # PostgreSQL refused to compare the NUL (500)
+        status, _ = await bot.post(url.rsplit("/", 1)[0] + "/" + odd, b"{}", auth)
+        assert status == 404, odd
     assert await stored_events(bot) == 0
 
 
@@ -352,3 +364,23 @@ async def test_healthz_says_when_the_database_cannot_be_reached(make_bot, workfl
     async with bot.http().get(f"{bot.url}/healthz") as response:
         assert response.status == 503
         assert await response.json() == {"ok": False, "database": "unreachable: ConnectionRefusedError"}
+
+
+async def test_signed_payloads_of_an_odd_shape_are_400_not_500(make_bot, workflows):
+    """A signed request whose payload is not shaped as the tool's events (a test sent by hand) is refused with
+    what is wrong; a link that is not text is no link."""
+    bot, url, secret = await connected(make_bot, workflows, integration="github")
+    opened = json.loads((CORPORA / "github/pull_request/opened.payload.json").read_text())
+    for number, (event, payload) in enumerate([("pull_request", {**opened, "pull_request": "oops"}),
+                                               ("push", {"ref": "refs/heads/main", "commits": 3})]):
+        body = json.dumps(payload).encode()
+        status, answer = await bot.post(url, body, github_headers(secret, body, event=event, delivery=f"odd{number}"))
+        assert status == 400, answer
+        assert "is not shaped as a github event" in answer["error"]
+    odd_link = {**opened, "pull_request": {**opened["pull_request"], "html_url": 5}}
+    body = json.dumps(odd_link).encode()
+    status, _ = await bot.post(url, body, github_headers(secret, body, event="pull_request", delivery="link"))
+    assert status == 202
+    async with bot.services.db.read() as session:
+        event = (await session.execute(select(Event))).scalar_one()
+    assert event.link is None

@@ -29,9 +29,16 @@ def default_card(event: Event) -> CardSpec:
     integration_class = INTEGRATIONS.get(event.source)
     parsed = ParsedEvent(kind=event.kind, payload=event.payload, delivery_id=event.delivery_id,
                          summary=event.summary, link=event.link, event_name=event.event_name)
+    plain = CardSpec(title=event.summary or event.kind, link=event.link)
     if integration_class is None:
-        return CardSpec(title=event.summary or event.kind, link=event.link)
-    return integration_class().default_card(parsed)
+        return plain
+    try:
+        return integration_class().default_card(parsed)
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as exc:
+        # A payload not shaped as the tool's events usually are still gets its run, with a plainer card.
+        log.info("event %s: the %s card could not be made (%s: %s); showing its summary only", event.id,
+                 event.source, type(exc).__name__, exc)
+        return plain
 
 
 def _text(template: Template | CompiledValue | None, context: dict[str, Any]) -> str | None:
