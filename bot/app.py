@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,8 @@ from bot.store.inbox import Inbox
 from integrations.httpclient import HttpClient
 
 log = logging.getLogger(__name__)
+_SLACK_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_SLACK_SIGNATURE = re.compile(r"v0=[0-9a-f]{64}")
 
 SERVICES = web.AppKey("services", Services)
 BOLT = web.AppKey("bolt", AsyncApp)
@@ -131,7 +134,18 @@ def create_app(settings: Settings, *, services: Services | None = None, run_work
     app[BOLT] = bolt
 
     async def slack_events(request: web.Request) -> web.Response:
-        bolt_request = await to_bolt_request(request)
+        # What Bolt's checks would fail on with an exception (a 500 and a log line for anyone to cause) is
+        # refused here first: signature headers that cannot be Slack's, a body that is not text or not an object.
+        if not _SLACK_TIMESTAMP.fullmatch(request.headers.get("X-Slack-Request-Timestamp", "")) or \
+                not _SLACK_SIGNATURE.fullmatch(request.headers.get("X-Slack-Signature", "")):
+            return web.json_response({"ok": False, "error": "invalid request"}, status=401)
+        try:
+            bolt_request = await to_bolt_request(request)
+        except (UnicodeDecodeError, LookupError, ValueError, AttributeError, TypeError):
+            # Bolt reads the body as it builds the request: not text, not JSON, or JSON that is not an object.
+            return web.json_response({"ok": False, "error": "unreadable request body"}, status=400)
+        if not isinstance(bolt_request.body, dict):
+            return web.json_response({"ok": False, "error": "unreadable request body"}, status=400)
         return await to_aiohttp_response(await bolt.async_dispatch(bolt_request))
 
     async def healthz(request: web.Request) -> web.Response:
