@@ -324,6 +324,45 @@ async def test_app_home_shows_waiting_runs_and_decides_from_the_tab(make_bot, wo
     assert "Nothing is waiting for you." in json.dumps(refreshed)
 
 
+async def test_anyone_means_anyone_in_the_channel_and_home_shows_only_ones_own_channels(make_bot, workflows,
+                                                                                          slack):
+    """Without named approvers, only people in the run's channel may decide, from the card or the Home tab; the
+    Home tab shows nobody the workflows and runs of a private channel they are not in."""
+    slack.add_channel(TEAM, "C0SECRET1", "incident-42", private=True, members=[ADMIN, BOB])
+    write_workflow(workflows, "hush", """
+        name: hush
+        on: webhook
+        steps:
+          - id: go
+            approval: required
+            uses: slack.post
+            with: {text: done, thread: true}
+        """)
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command("enable hush", channel="C0SECRET1"), "webhook")
+    status, _ = await bot.post(url, b'{"summary": "the quiet one"}', {"Authorization": f"Bearer {secret}",
+                                                                     "Content-Type": "application/json"})
+    assert status == 202
+    card = await bot.wait_card(lambda m: "approve" in buttons(m), channel="C0SECRET1")
+
+    async def home_of(user: str) -> str:
+        slack.teams[TEAM].home_views.pop(user, None)
+        await slack.send_event(TEAM, {"type": "app_home_opened", "user": user, "tab": "home"})
+        return json.dumps(await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(user)))
+
+    alice_home = await home_of(ALICE)
+    assert "the quiet one" not in alice_home and "C0SECRET1" not in alice_home
+    assert "Nothing is waiting for you." in alice_home
+    bob_home = await home_of(BOB)
+    assert "the quiet one" in bob_home and '"action_id": "approve"' in bob_home
+    assert "`hush` in <#C0SECRET1>" in bob_home
+
+    refusal = await bot.click(card, "approve", user=ALICE, channel="C0SECRET1")
+    assert refusal == "Anyone in <#C0SECRET1> may decide this step, and you are not in it. Nothing was changed."
+    assert await bot.click(card, "approve", user=BOB, channel="C0SECRET1") is None
+    await bot.wait_thread(card, "Run succeeded", channel="C0SECRET1")
+
+
 async def test_socket_mode_needs_no_public_url_for_slack(make_bot, workflows, target, slack):
     write_workflow(workflows, "gate", GATE.replace("TARGET", target.url))
     slack.socket_mode = True

@@ -21,7 +21,7 @@ import json
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -163,8 +163,12 @@ class SlackEmulator:
         self.teams[team_id].usergroups[group_id] = {"id": group_id, "handle": handle, "name": handle,
                                                     "users": list(members)}
 
-    def add_channel(self, team_id: str, channel_id: str, name: str, *, bot_member: bool = True) -> None:
-        self.teams[team_id].channels[channel_id] = {"id": channel_id, "name": name, "is_member": bot_member}
+    def add_channel(self, team_id: str, channel_id: str, name: str, *, bot_member: bool = True,
+                    private: bool = False, members: Iterable[str] | None = None) -> None:
+        """A channel; its people are `members`, or everyone in the workspace when not given."""
+        self.teams[team_id].channels[channel_id] = {"id": channel_id, "name": name, "is_member": bot_member,
+                                                    "is_private": private,
+                                                    "members": None if members is None else set(members)}
 
     def fail(self, method: str, *, status: int = 200, error: str | None = None,
              headers: dict[str, str] | None = None, times: int = 1) -> None:
@@ -373,18 +377,37 @@ class SlackEmulator:
             return {"ok": False, "error": "no_such_subteam"}
         return {"ok": True, "users": list(group["users"])}
 
+    @staticmethod
+    def _channel_api(info: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in info.items() if key != "members"}
+
     def _m_conversations_info(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         info = team.channels.get(args.get("channel", ""))
         if info is None:
             return {"ok": False, "error": "channel_not_found"}
-        return {"ok": True, "channel": dict(info)}
+        return {"ok": True, "channel": self._channel_api(info)}
+
+    def _m_users_conversations(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
+        """As Slack answers a bot token: the user's public channels, and private ones the bot is in too."""
+        user = args.get("user", "")
+        if user not in team.users:
+            return {"ok": False, "error": "user_not_found"}
+        types = set(str(args.get("types") or "public_channel").split(","))
+        found = [self._channel_api(info) for info in team.channels.values()
+                 if (info["members"] is None or user in info["members"])
+                 and ("private_channel" if info.get("is_private") else "public_channel") in types
+                 and (not info.get("is_private") or info.get("is_member", True))]
+        start, limit = int(args.get("cursor") or 0), min(int(args.get("limit", 100)), 1000)
+        more = start + limit < len(found)
+        return {"ok": True, "channels": found[start:start + limit],
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
 
     def _m_conversations_join(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         info = team.channels.get(args.get("channel", ""))
         if info is None:
             return {"ok": False, "error": "channel_not_found"}
         info["is_member"] = True
-        return {"ok": True, "channel": dict(info)}
+        return {"ok": True, "channel": self._channel_api(info)}
 
     def _m_conversations_history(self, team: Team, args: dict[str, Any]) -> dict[str, Any]:
         channel = args.get("channel", "")

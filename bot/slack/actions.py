@@ -74,7 +74,8 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
     workflow = await workflow_of(services, run)
     compiled = workflow.step(step_id)
     try:
-        refusal = await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by)
+        refusal = await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by,
+                                                    channel_id=run.channel_id)
     except LookupFailed as exc:
         raise NotAllowed(messages.CLICK_LOOKUP_FAILED.format(error=exc)) from None
     if refusal:

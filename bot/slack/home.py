@@ -42,7 +42,7 @@ async def _may_approve(services: Services, team_id: str, user_id: str, run: Run,
         workflow = await workflow_of(services, run)
         compiled = workflow.step(step.step_id)
         return await services.people.may_approve(team_id, user_id, compiled.approvers, run.started_by,
-                                                 fresh=False) is None
+                                                 channel_id=run.channel_id, fresh=False) is None
     except (KeyError, LookupFailed):
         return False
 
@@ -65,23 +65,30 @@ def waiting_query(team_id: str) -> Select[Run, Step]:
             .order_by(Run.created_at.desc()).limit(50))
 
 
-def latest_query(team_id: str) -> Select[Run]:
-    """The workspace's latest runs (`ix_runs_team_created`)."""
-    return select(Run).where(Run.team_id == team_id).order_by(Run.created_at.desc()).limit(MAX_LATEST)
+def latest_query(team_id: str, channels: set[str]) -> Select[Run]:
+    """The latest runs in these channels of the workspace (`ix_runs_team_created`)."""
+    return (select(Run).where(Run.team_id == team_id, Run.channel_id.in_(sorted(channels)))
+            .order_by(Run.created_at.desc()).limit(MAX_LATEST))
 
 
 async def build_home(services: Services, *, team_id: str, user_id: str, notice: str | None = None) -> View:
+    # The tab shows what happens in the channels this person is in: a private channel's runs are its own.
+    try:
+        channels = await services.people.channels_of(team_id, user_id)
+    except LookupFailed as exc:
+        channels = set()
+        notice = "\n".join(filter(None, [notice, messages.HOME_CHANNELS_UNKNOWN.format(error=exc)]))
     async with services.db.read() as session:
         subscriptions = list((await session.execute(
-            select(Subscription).where(Subscription.team_id == team_id).order_by(Subscription.workflow,
-                                                                                  Subscription.channel_id)
-            .limit(MAX_ENABLED))).scalars())
+            select(Subscription).where(Subscription.team_id == team_id,
+                                       Subscription.channel_id.in_(sorted(channels)))
+            .order_by(Subscription.workflow, Subscription.channel_id).limit(MAX_ENABLED))).scalars())
         last_runs: dict[tuple[str, str], Run] = {}
         if subscriptions:
             rows = await session.execute(last_runs_query(team_id, [s.id for s in subscriptions]))
             last_runs = {(run.workflow, run.channel_id): run for run in rows.scalars()}
         waiting_rows = list((await session.execute(waiting_query(team_id))).all())
-        latest = list((await session.execute(latest_query(team_id))).scalars())
+        latest = list((await session.execute(latest_query(team_id, channels))).scalars())
 
     blocks: list[Block | dict[str, Any]] = [HeaderBlock(text=PlainTextObject(text="relaybot"))]
     if notice:

@@ -224,6 +224,9 @@ CLICK_STALE = "This card is out of date: the step is no longer waiting. Nothing 
 CLICK_RUN_CANCELLED = "This run was cancelled by {who}, so its steps can no longer be decided. Nothing was changed."
 CLICK_NOT_APPROVER = "You are not one of the approvers of *{title}* ({approvers}). Nothing was changed."
 CLICK_SELF = "You started this run, and this workflow does not let the person who started a run approve it."
+HOME_CHANNELS_UNKNOWN = ("relaybot could not ask Slack which channels you are in ({error}), so this tab shows "
+                         "no channel's workflows or runs; open it again in a moment.")
+CLICK_NOT_IN_CHANNEL = "Anyone in <#{channel}> may decide this step, and you are not in it. Nothing was changed."
 CLICK_UNKNOWN_RUN = "This run does not exist in this workspace."
 CLICK_LOOKUP_FAILED = ("relaybot could not check the approvers with Slack just now ({error}); nothing was "
                        "changed. Try again in a moment.")

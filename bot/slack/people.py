@@ -16,6 +16,8 @@ from bot.slack.client import NoToken, SlackApi
 
 USER_TTL = 60.0
 GROUP_TTL = 60.0
+CHANNELS_TTL = 60.0
+CHANNEL_PAGES = 20  # of 1,000 channels each
 
 
 class LookupFailed(Exception):
@@ -59,6 +61,7 @@ class People:
         self.extra_admins = set(extra_admins)
         self._users = _TTLCache(USER_TTL)
         self._groups = _TTLCache(GROUP_TTL)
+        self._channels = _TTLCache(CHANNELS_TTL)
 
     async def _call(self, team_id: str, method: str, **arguments: Any) -> dict[str, Any]:
         try:
@@ -119,13 +122,41 @@ class People:
         self._groups.put((team_id, group_id), members)
         return members
 
+    async def channels_of(self, team_id: str, user_id: str, *, fresh: bool = False) -> set[str]:
+        """The public and private channels the user is in (a bot is told of a private channel only where it is a
+        member too, which is everywhere it posts cards)."""
+        cached = None if fresh else self._channels.get((team_id, user_id))
+        if cached is not None:
+            return cached
+        channels: set[str] = set()
+        cursor: str | None = None
+        for _page in range(CHANNEL_PAGES):
+            data = await self._call(team_id, "users.conversations", user=user_id,
+                                    types="public_channel,private_channel", exclude_archived=True, limit=1000,
+                                    cursor=cursor)
+            channels.update(str(channel["id"]) for channel in data.get("channels") or [] if channel.get("id"))
+            cursor = (data.get("response_metadata") or {}).get("next_cursor") or None
+            if cursor is None:
+                break
+        self._channels.put((team_id, user_id), channels)
+        return channels
+
+    async def in_channel(self, team_id: str, user_id: str, channel_id: str, *, fresh: bool = False) -> bool:
+        """Is the user in the channel? A direct message (not a channel) is between the bot and its one person."""
+        if channel_id[:1] not in ("C", "G"):
+            return True
+        return channel_id in await self.channels_of(team_id, user_id, fresh=fresh)
+
     def forget(self, team_id: str) -> None:
         self._users.forget(team_id)
         self._groups.forget(team_id)
+        self._channels.forget(team_id)
 
     async def may_approve(self, team_id: str, user_id: str, approvers: Approvers | None,
-                          started_by: str | None, *, fresh: bool = True) -> str | None:
-        """None if the user may decide; otherwise the reason they may not (for the ephemeral reply).
+                          started_by: str | None, *, channel_id: str, fresh: bool = True) -> str | None:
+        """None if the user may decide a step of a run in `channel_id`; otherwise the reason they may not (for
+        the ephemeral reply). Without named approvers, anyone in the channel may: the App Home tab offers the
+        buttons outside the channel, where someone not in a private channel could otherwise decide its steps.
 
         A click re-checks with Slack (`fresh`); the Home tab's list may use what was looked up a minute ago.
         """
@@ -137,6 +168,8 @@ class People:
         if approvers is not None and not approvers.allow_self and started_by and started_by == user_id:
             return messages.CLICK_SELF
         if approvers is None or approvers.anyone:
+            if not await self.in_channel(team_id, user_id, channel_id, fresh=fresh):
+                return messages.CLICK_NOT_IN_CHANNEL.format(channel=channel_id)
             return None
         if user_id in approvers.users:
             return None
