@@ -192,6 +192,13 @@ async def test_send_event_before_any_connection_says_what_to_type(page):
                                         if i["name"] == "webhook" and i["connection"]), None))
     status, answer = await page.post("event", {"integration": "webhook", "example": "deploy-request"})
     assert answer["status"] == 202  # accepted (Standard Webhooks signature), and no workflow subscribes to it
+    # Asked again, the bot shows the URL and how to sign (`webhook-signature` in backticks) but not the secret:
+    # the page keeps signing with the one it read the first time.
+    replies = len(ephemeral_texts(await page.state()))
+    await page.type("/relay connect webhook")
+    await page.wait(lambda state: len(ephemeral_texts(state)) > replies)
+    status, answer = await page.post("event", {"integration": "webhook", "example": "deploy-request"})
+    assert answer["status"] == 202, answer
 
 
 async def test_a_modal_opens_and_its_submission_is_a_signed_view_submission(page):

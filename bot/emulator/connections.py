@@ -19,8 +19,10 @@ from typing import Any
 
 _HOOK_URL = re.compile(r"`(https?://[^`\s]+/hooks/([A-Za-z0-9_.-]+))`")
 _INTEGRATION = re.compile(r"\*([a-z0-9_-]+)\*[^\n]*connection")
-# "Secret: `…`" or "New secret for the *github* connection: `…`"; a command in backticks has spaces, a secret not.
-_SECRET = re.compile(r"[Ss]ecret[^`\n]*`([^`\s]+)`")
+# Exactly where relaybot shows a secret: "Secret: `…`" or "New secret for the *github* connection: `…`". Other
+# backticked words near "secret" (a header name in a setup hint, say) are not secrets.
+_SECRET = re.compile(r"(?:^|\n)(?:Secret: |:arrows_counterclockwise: New secret for the \*[a-z0-9_-]+\* connection: )"
+                     r"`([^`\s]+)`")
 
 
 @dataclass
