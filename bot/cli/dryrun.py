@@ -414,9 +414,12 @@ class DryRun:
         clicked: dict[tuple[str, str], int] = {}
         while time.monotonic() < deadline:
             version = self.emulator.version
+            # Idle first, runs second: the intake's batch that starts the run could commit between the two reads
+            # the other way round, and a run that had started was then reported as none.
+            idle = await self.services.engine.idle()
             run, steps = await self.latest_run()
             if run is None:
-                if await self.services.engine.idle():
+                if idle:
                     return Result(None, problem=self.no_run_reason())
             elif run.state in states.FINAL_RUN_STATES:
                 if await self.sandbox.settled():
