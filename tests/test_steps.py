@@ -331,3 +331,23 @@ async def test_thread_reply_fails_when_slack_refused_the_card(make_bot, workflow
     async with bot.services.db.read() as session:
         actions = list((await session.execute(select(AuditRecord.action).order_by(AuditRecord.id))).scalars())
     assert actions[-1] == "run.finished"
+
+
+async def test_a_step_title_that_cannot_be_rendered_reads_unavailable_not_the_template(make_bot, workflows):
+    write_workflow(workflows, "ship", """
+        name: ship
+        on: command
+        params: {env: {default: staging}}
+        steps:
+          - id: deploy
+            title: Deploy ${{ event.sha.substring(0, 7) }} to ${{ params.env }}
+            approval: required
+            uses: slack.post
+            with: {text: go, thread: true}
+        """)
+    bot = await make_bot()
+    assert (await bot.command("run ship")).startswith("Started run")  # no `sha` given
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+    thread = await bot.wait_thread(card, "waiting")
+    assert any("*Deploy (unavailable) to staging*" in line for line in thread), thread
+    assert "${{" not in block_texts(card) + " ".join(thread)

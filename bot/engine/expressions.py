@@ -296,6 +296,19 @@ class Template:
         return "".join(part if isinstance(part, str) else format_value(part.evaluate(context))
                        for part in self.parts)
 
+    def render_text(self, context: dict[str, Any], *, unavailable: str) -> str:
+        """As text for people to read, each expression that fails shown as `unavailable` (a title, not an input)."""
+        rendered: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                rendered.append(part)
+                continue
+            try:
+                rendered.append(format_value(part.evaluate(context)))
+            except ExpressionError:
+                rendered.append(unavailable)
+        return "".join(rendered)
+
 
 def compile_template(text: str) -> Template:
     return Template(source=text, parts=tuple(_split_template(text)))

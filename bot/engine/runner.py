@@ -25,10 +25,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.audit import Actor
 from bot.crypto import Keyring
 from bot.engine import journal, states
-from bot.engine.cards import render_card
+from bot.engine.cards import UNAVAILABLE, render_card
 from bot.engine.concurrency import holders, wake_queued
 from bot.engine.context import expression_context
-from bot.engine.expressions import format_value
 from bot.engine.loader import Catalog, CompiledStep, CompiledWorkflow
 from bot.engine.posting import ThreadInOrder
 from bot.errors import DecryptionError, ExpressionError, reference_id
@@ -347,10 +346,9 @@ class Runner:
     def _step_title(self, compiled: CompiledStep, run: Run, event: Event, steps: list[Step]) -> str:
         if compiled.title is None:
             return compiled.id
-        try:
-            return format_value(compiled.title.render(expression_context(run=run, event=event, steps=steps)))[:150]
-        except ExpressionError:
-            return compiled.model.title or compiled.id
+        # As on the card, a part that cannot be rendered reads "(unavailable)", never the raw `${{ }}`.
+        return compiled.title.render_text(expression_context(run=run, event=event, steps=steps),
+                                          unavailable=UNAVAILABLE)[:150]
 
     async def _time_out(self, session: AsyncSession, workflow: CompiledWorkflow, run: Run, event: Event,
                         steps: list[Step], step: Step, compiled: CompiledStep, now: datetime) -> None:
