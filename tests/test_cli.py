@@ -31,6 +31,8 @@ def relaybot(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     ({"SLACK_BOT_TOKEN": "xoxb-1"}, "SLACK_SIGNING_SECRET is required"),
     ({"SLACK_SIGNING_SECRET": "s", "SLACK_BOT_TOKEN": "xoxb-1", "RELAYBOT_MASTER_KEYS": "not-base64!"},
      "RELAYBOT_MASTER_KEYS"),
+    ({"SLACK_SIGNING_SECRET": "s", "SLACK_BOT_TOKEN": "xoxb-1", "RELAYBOT_LOG_LEVEL": "LOUD"},
+     "RELAYBOT_LOG_LEVEL: not a log level (one of DEBUG, INFO, WARNING, ERROR, CRITICAL)"),
 ])
 def test_serve_stops_with_one_line_naming_the_variable(env, expected, tmp_path):
     result = relaybot("serve", RELAYBOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/r.db",
@@ -74,6 +76,23 @@ def test_a_database_that_cannot_be_used_stops_serve_with_one_line(url, expected,
     assert len(lines) == 1, result.stderr  # no traceback, no "serving on", no password
     assert lines[0].startswith("relaybot: configuration error: ") and expected.format(tmp=tmp_path) in lines[0]
     assert "hunter2" not in result.stderr
+
+
+def test_a_port_in_use_stops_serve_with_one_line_and_no_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = relaybot("serve", SLACK_SIGNING_SECRET="s", SLACK_BOT_TOKEN="xoxb-1", PORT=str(port),
+                          RELAYBOT_HOST="127.0.0.1", RELAYBOT_WORKFLOWS_DIR=str(tmp_path),
+                          RELAYBOT_MASTER_KEYS=MASTER_KEY, RELAYBOT_DATABASE_URL=f"sqlite:///{tmp_path}/r.db")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "serving on" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"relaybot: configuration error: cannot listen on 127.0.0.1:{port}: Address already in use (PORT or "
+        "--port chooses another port, RELAYBOT_HOST another address)")
 
 
 def test_the_database_url_may_be_written_the_way_other_tools_write_it():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import os
 import sys
@@ -77,16 +78,21 @@ def serve(settings: Settings, *, socket_mode: bool, worker_index: int | None) ->
     slack_door = "Slack over Socket Mode" if socket_mode else "Slack requests at /slack/events"
     who = "relaybot" if worker_index is None else f"relaybot worker {worker_index} (pid {os.getpid()})"
 
-    async def announce(app: Any) -> AsyncIterator[None]:
-        # After the app's own start-up (the database reached, migrations applied), which may stop it instead.
+    def announce(_aiohttp_says: str) -> None:
+        # Once the app's own start-up (the database reached, migrations applied) is done and the port is bound:
+        # either may stop it instead.
         print(f"{who} serving on http://{settings.host}:{settings.port} "
               f"({slack_door}, webhooks at /hooks/<connection>)", file=sys.stderr)
-        yield
 
-    app.cleanup_ctx.append(announce)
-    # A worker shares the port with its siblings: the kernel spreads the connections over them.
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None,
-                reuse_port=worker_index is not None)
+    try:
+        # A worker shares the port with its siblings: the kernel spreads the connections over them.
+        web.run_app(app, host=settings.host, port=settings.port, print=announce, access_log=None,
+                    reuse_port=worker_index is not None)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {os.strerror(exc.errno)} "
+                          "(PORT or --port chooses another port, RELAYBOT_HOST another address)") from None
     return 0
 
 
