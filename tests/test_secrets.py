@@ -436,6 +436,18 @@ async def test_the_cli_sets_lists_and_deletes_with_the_value_on_stdin(make_bot, 
     actions = [(r.action, r.actor) for r in await audit_records(bot, "secret.")]
     assert actions == [("secret.set", "cli"), ("secret.deleted", "cli")]
 
+    # A workspace Slack never showed relaybot, but whose secrets were stored here before, is known.
+    code, _, err = await relaybot("set", "--team", "T0CLIONLY1", "FIRST", stdin="one")
+    assert code == 0 and "has not used relaybot yet" in err
+    code, _, err = await relaybot("set", "--team", "T0CLIONLY1", "SECOND", stdin="two")
+    assert code == 0 and "has not used relaybot yet" not in err
+    # The wrong master key (mid-rotation, say): one line saying so, not a traceback.
+    env["RELAYBOT_MASTER_KEYS"] = base64.b64encode(b"o" * 32).decode()
+    code, _, err = await relaybot("set", "--team", TEAM, "OTHER", stdin="x")
+    assert code == 1 and "Traceback" not in err, err
+    assert err.startswith("relaybot: cannot decrypt: the data key of workspace T0ACME001 is wrapped by master key")
+    assert "relaybot keys status" in err
+
 
 # ------------------------------------------------------------------------------------------ the canary
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from bot.cli import audit, db, dev, dryrun, events, keys, secrets, serve, validate
 from bot.cli.common import EXIT_CONFIG, configure_logging
-from bot.errors import ConfigError, WorkflowError
+from bot.errors import ConfigError, DecryptionError, WorkflowError
 from bot.settings import Settings, load_settings
 
 SUBCOMMANDS = (serve, dev, validate, dryrun, db, secrets, keys, audit, events)
@@ -38,5 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    except DecryptionError as exc:
+        print(f"relaybot: cannot decrypt: {exc}. The master keys configured (RELAYBOT_MASTER_KEYS or the key "
+              "file) must include the one that sealed it; `relaybot keys status` shows which are in use.",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,8 @@ import socket
 import sys
 from typing import Any, TextIO
 
+from sqlalchemy import select
+
 from bot.audit import Actor
 from bot.settings import Settings
 
@@ -71,11 +73,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 async def set_command(settings: Settings, *, team_id: str, name: str, value: str) -> int:
     from bot.cli.keys import open_store
     from bot.slack.secrets import store_secret
-    from bot.store.models import Workspace
+    from bot.store.models import DataKey, Workspace
 
     async with open_store(settings) as (db, keyring):
         async with db.read() as session:
-            known = await session.get(Workspace, team_id) is not None
+            # Known from Slack, or from secrets stored here before (which gave it a data key).
+            known = (await session.get(Workspace, team_id) is not None
+                     or await session.scalar(select(DataKey.team_id).where(DataKey.team_id == team_id).limit(1))
+                     is not None)
         if not known:
             print(f"relaybot: note: workspace {team_id} has not used relaybot yet; check --team if that is "
                   f"unexpected. Storing the secret anyway.", file=sys.stderr)
