@@ -221,6 +221,15 @@ def test_wrong_input_exits_2_before_anything_runs(capsys, release, tmp_path):
     broken = write_workflow(tmp_path, "broken", "name: broken\non: github\nsteps:\n  - id: a\n    uses: nope.nope\n")
     code, _, err = dry_run(capsys, str(broken), "--event", str(MERGED), mocks=False)
     assert code == 2 and f"{broken}:5" in err and "unknown action" in err
+    # What only the bot can refuse is wrong input too: a parameter the workflow does not have, a body the
+    # door does not take.
+    code, out, _ = dry_run(capsys, str(release), "--event", str(MERGED), "--param", "nosuch=1", tmp=tmp_path)
+    assert code == 2 and "/relay enable was refused" in out and "no parameter `nosuch`" in out
+    hook = write_workflow(tmp_path, "hook", "name: hook\non: webhook\n")
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("this is { not JSON")
+    code, out, _ = dry_run(capsys, str(hook), "--event", str(not_json), mocks=False)
+    assert code == 2 and "the webhook door answered HTTP 400" in out
 
 
 async def test_real_outbound_http_and_the_secret_reach_the_target(release, tmp_path, target):

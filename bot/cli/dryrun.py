@@ -39,7 +39,8 @@ def register(sub: Any) -> None:
         "test", help="dry-run one workflow against one event, without Slack; prints the audit trail",
         description="Run one workflow against one event with a local Slack emulator and a temporary database. "
                     "Exit status 0 when the run succeeded (steps left unapproved count as skipped), 1 when it "
-                    "failed or started no run, 2 when the workflow or the arguments are wrong.")
+                    "failed or started no run, 2 when the workflow or the arguments are wrong (the bot "
+                    "refused the parameters or the event included).")
     parser.add_argument("workflow", help="a workflow name from the workflows directory, or a workflow file")
     parser.add_argument("--event", required=True, type=Path, metavar="FILE",
                         help="the event body as the tool sends it (JSON); integrations/examples/ has some")
@@ -232,6 +233,8 @@ class Result:
     outcome: str | None  # the run's outcome; None when no run started or it did not finish
     problem: str | None = None
     run_id: str | None = None
+    # The bot refused what it was given (the parameters, the event): the arguments are wrong, exit 2.
+    refused_input: bool = False
 
 
 def test_settings(settings: Settings, *, url: str, database: Path, signing_secret: str, bot_token: str) -> Settings:
@@ -512,10 +515,10 @@ class DryRun:
             words = ["enable", shlex.quote(self.plan.workflow.name), *map(shlex.quote, self.plan.params)]
             reply = await self.command(" ".join(words))
             if await self.subscription_id() is None:
-                return Result(None, problem=f"/relay enable was refused: {reply}")
+                return Result(None, problem=f"/relay enable was refused: {reply}", refused_input=True)
             problem = await self.deliver()
             if problem:
-                return Result(None, problem=problem)
+                return Result(None, problem=problem, refused_input=True)
             return await self.drive()
         finally:
             await self.sandbox.stop()
@@ -531,6 +534,8 @@ async def dry_run(plan: Plan, settings: Settings, database: Path, out: TextIO) -
     except (TimeoutError, RuntimeError) as exc:
         result = Result(None, problem=f"the bot did not answer as expected: {exc}")
     run.report(result)
+    if result.refused_input:
+        return EXIT_CONFIG
     return 0 if result.outcome == "succeeded" else EXIT_RUN_FAILED
 
 
