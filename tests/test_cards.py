@@ -41,3 +41,12 @@ def test_a_link_target_never_holds_what_ends_a_link(tail: str) -> None:
         return
     assert not any(char in target for char in "<>|") and not any(char.isspace() for char in target)
     assert target.replace("&amp;", "").count("&") == 0
+
+
+def test_the_first_reply_names_the_trigger_with_the_right_article() -> None:
+    def origin(source: str) -> str:
+        return messages.thread_run_started(run_id="R1", kind="alert.firing", source=source, delivery=None,
+                                           started_by=None, workflow="w")
+
+    assert "started by an alertmanager event `alert.firing`" in origin("alertmanager")
+    assert "started by a github event" in origin("github")

@@ -106,3 +106,12 @@ def test_the_database_url_may_be_written_the_way_other_tools_write_it():
     assert url("postgresql+asyncpg://u:p@db/relaybot") == "postgresql+asyncpg://u:p@db/relaybot"
     assert url("sqlite:///relaybot.db") == "sqlite+aiosqlite:///relaybot.db"
     assert url("sqlite+aiosqlite:////var/lib/relaybot/r.db") == "sqlite+aiosqlite:////var/lib/relaybot/r.db"
+
+
+def test_events_retry_says_what_it_needs(tmp_path):
+    database = {"RELAYBOT_DATABASE_URL": f"sqlite:///{tmp_path}/r.db"}
+    result = relaybot("events", "retry", **database)
+    assert result.returncode == 2
+    assert "name the events (EVENT_ID …) or --all; `relaybot events list` shows them" in result.stderr
+    result = relaybot("events", "retry", "7", "--all", **database)
+    assert result.returncode == 2 and "or --all; not both" in result.stderr

@@ -225,6 +225,9 @@ async def test_a_secret_rotated_by_one_process_is_accepted_at_once_by_another(ma
 async def test_runs_and_status(make_bot, workflows, target):
     bot = await deploy_bot(make_bot, workflows, target)
     assert await bot.command("runs") == "No runs in this channel yet."
+    assert await bot.command("runs deploy") == "No runs of `deploy` here yet."
+    assert await bot.command("runs nope") == ("There is no workflow named `nope`. `/relay list` shows the "
+                                              "workflows.")
     await bot.command("enable deploy")
     started = await bot.command("run deploy who=x")
     run_id = started.split("`")[1]

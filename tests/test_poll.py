@@ -228,7 +228,7 @@ async def test_a_network_error_is_a_failure_with_the_address(make_bot, workflows
     await run_triggers(bot)
     state = await state_of(bot)
     assert state.failures == 1 and state.baseline_at is None
-    assert state.last_error.startswith(f"GET {closed}{PATH}: GET {closed}{PATH} failed")
+    assert state.last_error.startswith(f"GET {closed}{PATH} failed")  # the request named once
     assert "poll failed once" in await bot.command("list")
 
 

@@ -237,7 +237,12 @@ async def test_approver_matrix(make_bot, workflows, target, slack):
     assert await bot.click(card, "approve", user=ALICE, snapshot=card) is None  # named user: no lookup needed
     await bot.wait_thread(card, "Run succeeded")
 
+    card = await waiting_card(bot, url, secret)
+    assert "not whoever started the run" not in block_texts(card)  # a webhook's run has no starter
+    await bot.click(card, "skip", user=BOB, snapshot=card)
+    await bot.wait_thread(card, "Run succeeded")
     card = await waiting_card(bot, url, secret, by_command="run gate")
+    assert "<@U0ALICE01>, @oncall, not whoever started the run" in block_texts(card)
     assert "You started this run" in await bot.click(card, "approve", user=ALICE, snapshot=card)
     assert await bot.click(card, "skip", user=BOB, snapshot=card) is None
     await bot.wait_thread(card, "Run succeeded")

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.events_command == "list":
         return asyncio.run(list_set_aside(settings, team=args.team, out=sys.stdout))
     if bool(args.ids) == bool(args.all):
-        print("relaybot events retry: name the events (EVENT_ID …) or --all, not both", file=sys.stderr)
+        which = "not both" if args.all else "`relaybot events list` shows them"
+        print(f"relaybot events retry: name the events (EVENT_ID …) or --all; {which}", file=sys.stderr)
         return 2
     return asyncio.run(retry(settings, ids=args.ids, team=args.team, out=sys.stdout))
 

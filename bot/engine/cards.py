@@ -61,8 +61,11 @@ def render_card(*, workflow: CompiledWorkflow, run: Run, event: Event, steps: It
     else:
         fields = [[label, value] for label, value in default.fields.items()]
     title = _text(workflow.card_title, context) or workflow.title
+    # `allow_self: false` concerns a run someone started by hand; a tool's event has no starter to exclude.
     approvers = {step.id: messages.approvers_text(step.approvers.users if step.approvers else [],
-                                                  step.approvers.groups if step.approvers else [])
+                                                  step.approvers.groups if step.approvers else [],
+                                                  allow_self=not (step.approvers and run.started_by
+                                                                  and not step.approvers.allow_self))
                  for step in workflow.steps if step.needs_approval}
     return {
         "approvers": approvers,

@@ -335,7 +335,8 @@ class Runner:
         if was_running:  # waiting for a person holds no slot
             await wake_queued(session, run.concurrency_key)
         approvers = compiled.approvers
-        who = messages.approvers_text(approvers.users if approvers else [], approvers.groups if approvers else [])
+        who = messages.approvers_text(approvers.users if approvers else [], approvers.groups if approvers else [],
+                                      allow_self=not (approvers and run.started_by and not approvers.allow_self))
         self._refresh_card(workflow, run, event, steps)
         await journal.transition(session, run, actor=SYSTEM, action="step.waiting", step=step.step_id,
                                  reason=f"approval by {who}", now=now,

@@ -344,6 +344,8 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
             query = query.where(Run.workflow == words[0])
         runs = list((await session.execute(query)).scalars())
     if not runs:
+        if words and services.catalog.get(words[0]) is None:
+            raise NotFound(messages.UNKNOWN_WORKFLOW.format(name=messages.escape(words[0]), command=command.name))
         return messages.NO_RUNS if not words else messages.NO_RUNS_OF.format(workflow=messages.escape(words[0]))
     return messages.run_list([messages.run_line(run_id=run.id, state=run.state, workflow=run.workflow,
                                                 summary=run.card.get("summary") or run.title,

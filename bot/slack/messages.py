@@ -87,7 +87,8 @@ def thread_run_started(*, run_id: str, kind: str, source: str, delivery: str | N
     if started_by:
         origin = f"started by {user(started_by)} with `{command} run`"
     else:
-        origin = f"started by a {escape(source)} event `{escape(kind)}`"
+        article = "an" if source[:1].lower() in "aeiou" else "a"
+        origin = f"started by {article} {escape(source)} event `{escape(kind)}`"
     # Deliveries without an id of the sender's get one of ours ("auto:…"); it says nothing to a reader.
     delivery_text = f", delivery `{escape(delivery)}`" if delivery and not delivery.startswith("auto:") else ""
     return f":arrow_forward: Run `{run_id}` of *{escape(workflow)}* {origin}{delivery_text}."
@@ -211,10 +212,11 @@ def card_step_line(*, state: str, title: str, decided: str | None, detail: str |
     return text
 
 
-def approvers_text(users: list[str], groups: list[str]) -> str:
+def approvers_text(users: list[str], groups: list[str], *, allow_self: bool = True) -> str:
     names = [f"<@{u}>" for u in users] + [f"@{escape(g)}" if not g.startswith("S") else f"<!subteam^{g}>"
                                            for g in groups]
-    return ", ".join(names) if names else "anyone in the channel"
+    text = ", ".join(names) if names else "anyone in the channel"
+    return text if allow_self else f"{text}, not whoever started the run"
 
 
 # -------------------------------------------------------------------------------------- clicks on the card

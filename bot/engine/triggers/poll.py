@@ -215,7 +215,9 @@ class Poller:
                                                params=query or None)
         except TimeoutError:
             raise PollFailed(f"{method} {_readable_url(url)}: no answer within {self.http.timeout:g}s") from None
-        except (BlockedAddress, RequestFailed, ResponseTooLarge) as exc:
+        except RequestFailed as exc:  # it names the request already (where it went, after redirects)
+            raise PollFailed(str(exc)) from None
+        except (BlockedAddress, ResponseTooLarge) as exc:
             raise PollFailed(f"{method} {_readable_url(url)}: {exc}") from None
         except ValueError as exc:  # a URL that yarl or aiohttp cannot read
             raise PollFailed(f"{method} {_readable_url(url)}: {exc}") from None
