@@ -122,6 +122,8 @@ async def test_export_lists_who_approved_what_and_when_and_matches_the_thread(ma
     assert rows[0]["seq"] == "1" and {"hash", "prev_hash", "actor"} <= set(rows[0])
     later = relaybot("audit", "export", "--since", "2999-01-01", database_url=database_url)
     assert later.returncode == 0 and later.stdout == ""
+    mistyped = relaybot("audit", "export", "--run", "RNOSUCHRUN", database_url=database_url)
+    assert mistyped.returncode == 1 and "no records of run RNOSUCHRUN" in mistyped.stderr
 
 
 async def test_checkpoints_post_the_head_hash_and_run_once_across_processes(make_bot, workflows, target, slack):

@@ -226,6 +226,9 @@ def test_validate_cli_prints_every_problem_and_fails(tmp_path: Path):
     assert "2 problems in 2 files" in result.stderr
     ok = run_validate(str(tmp_path / "good.yml"), cwd=tmp_path)
     assert ok.returncode == 0 and "1 workflow OK" in ok.stdout
+    (tmp_path / "empty").mkdir()
+    nothing = run_validate(str(tmp_path / "empty"), cwd=tmp_path)  # the wrong directory, most likely
+    assert nothing.returncode == 1 and f"no workflow files (*.yml, *.yaml) in {tmp_path / 'empty'}" in nothing.stderr
 
 
 def test_the_example_workflows_are_valid():

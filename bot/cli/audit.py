@@ -93,14 +93,21 @@ async def export(settings: Settings, *, team: str | None, run_id: str | None, si
     writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS) if fmt == "csv" else None
     if writer is not None:
         writer.writeheader()
+    exported = 0
     try:
         async with db.read() as session:
             async for record in audit.iter_records(session, team_id=team, run_id=run_id, since=since):
+                exported += 1
                 row = _row(record)
                 if writer is not None:
                     writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True)})
                 else:
                     out.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        if run_id is not None and not exported:  # a run always has records: the id is mistyped
+            scope = f" in workspace {team}" if team else ""
+            print(f"relaybot audit export: no records of run {run_id}{scope} (ids look like R7K2M9QX4P)",
+                  file=sys.stderr)
+            return 1
         return 0
     finally:
         await db.dispose()

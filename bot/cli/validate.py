@@ -31,6 +31,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{path}: no such file or directory", file=sys.stderr)
         return 1
     files = workflow_files(paths)
+    if not files:
+        # Most likely the wrong directory: a CI step checking nothing must not pass.
+        print(f"no workflow files (*.yml, *.yaml) in {', '.join(map(str, paths))}", file=sys.stderr)
+        return 1
     problems = 0
     names: dict[str, Path] = {}
     for file in files:
