@@ -33,7 +33,8 @@ METHOD_SCOPES = {
     "chat.postMessage": "chat:write", "chat.update": "chat:write", "chat.postEphemeral": "chat:write",
     "users.info": "users:read", "usergroups.list": "usergroups:read", "usergroups.users.list": "usergroups:read",
     "conversations.info": "channels:read", "conversations.history": "channels:history",
-    "conversations.replies": "channels:history", "views.open": None, "views.publish": None, "views.update": None,
+    "conversations.replies": "channels:history", "users.conversations": "channels:read",
+    "views.open": None, "views.publish": None, "views.update": None,
     "auth.test": None, "oauth.v2.access": None,
 }
 
@@ -55,8 +56,8 @@ def test_manifest_declares_exactly_the_scopes_the_code_needs():
     assert not unknown, f"add these methods and their scopes to METHOD_SCOPES: {unknown}"
     needed = {METHOD_SCOPES[method] for method in methods if METHOD_SCOPES[method]}
     needed |= {"commands"}  # the slash command
-    if "conversations.info" in methods:
-        needed.add("groups:read")  # conversations.info on private channels
+    if {"conversations.info", "users.conversations"} & methods:
+        needed.add("groups:read")  # the same, on private channels
     if {"conversations.history", "conversations.replies"} & methods:
         needed.add("groups:history")  # the same, in private channels
     declared = set(manifest()["oauth_config"]["scopes"]["bot"])

@@ -350,3 +350,29 @@ def test_run_ids_are_r_and_nine_crockford_characters_drawn_evenly():
     assert all(normalize_run_id(run_id.lower()) == run_id for run_id in ids[:100])
     counts = Counter(character for run_id in ids for character in run_id[1:])
     assert len(counts) == 32 and min(counts.values()) > 0.7 * 36000 / 32  # each of the 32 about equally often
+
+
+def test_a_top_level_problem_does_not_hide_the_rest_of_the_file():
+    """A parameter or key that fails its schema is reported, and the file is still checked without it: one run
+    of `relaybot validate` shows every problem (it once stopped at the top level's)."""
+    found = problems("""
+        name: busy
+        params:
+          env: {default: prod, choices: [staging, production]}
+          region: {default: eu}
+        approvers: {users: nobody}
+        on:
+          schedule: {cron: "61 * * * *"}
+        if: params.env == "staging" && params.region ==
+        steps:
+          - id: a
+            uses: nope.x
+          - id: b
+            uses: slack.post
+            with: {text: "${{ params.env }} ${{ params.nosuch }}"}
+        """)
+    expected = ["w.yml:3: params.env: default 'prod'", "w.yml:5: approvers.users: ", "w.yml:7: on.schedule: '61",
+                "w.yml:8: bad expression: ", "w.yml:11: unknown action 'nope.x'", "w.yml:14: `params.nosuch`: "]
+    assert [problem[:len(start)] for problem, start in zip(found, expected, strict=False)] == expected, found
+    assert len(found) == len(expected), found
+    assert not any("params.env`" in problem for problem in found)  # the parameter that failed is still one

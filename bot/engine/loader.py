@@ -277,6 +277,30 @@ def _validate(checker: _Checker, model: type[BaseModel], data: Any, prefix: Path
         return None
 
 
+def _without_what_failed(data: dict[str, Any]) -> tuple[Workflow | None, set[str]]:
+    """The workflow's top level validated without the entries that failed (a parameter, or a whole key such as
+    `approvers`), and what was left out (`params.<name>` or the key); None when even that fails (a bad name)."""
+    data = dict(data)
+    dropped: set[str] = set()
+    for _attempt in range(5):
+        try:
+            return Workflow.model_validate(data), dropped
+        except ValidationError as exc:
+            locations = [error["loc"] for error in exc.errors()]
+        for loc in locations:
+            key = str(loc[0]) if loc else ""
+            if key in ("", "name"):
+                return None, dropped
+            params = data.get("params")
+            if key == "params" and len(loc) > 1 and isinstance(params, dict) and loc[1] in params:
+                data["params"] = {name: spec for name, spec in params.items() if name != loc[1]}
+                dropped.add(f"params.{loc[1]}")
+            else:
+                data.pop(key, None)
+                dropped.add(key)
+    return None, dropped
+
+
 def _trigger_expressions(config: BaseModel) -> list[Expression]:
     """The CEL a trigger's configuration carries (a poll's `items`, `key` and request templates)."""
     found: list[Expression] = []
@@ -343,21 +367,27 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
             continue
         valid_steps.append(step_model)
         raw_index.append(index)
+    dropped: set[str] = set()
     if model is None:
-        raise WorkflowError(checker.sorted())
+        # Its problems are reported; the rest of the file is still checked without the parts that failed, so
+        # that one run of `relaybot validate` shows every problem.
+        model, dropped = _without_what_failed({key: value for key, value in data.items() if key != "steps"})
+        if model is None:
+            raise WorkflowError(checker.sorted())
     try:
         model = Workflow.model_validate({**model.model_dump(by_alias=True, exclude={"steps"}),
                                          "steps": [step.model_dump(by_alias=True) for step in valid_steps]})
     except ValidationError as exc:
         checker.problem(("steps",), str(exc.errors()[0]["msg"]).removeprefix("Value error, "))
 
-    params = set(model.params)
+    # A parameter left out for failing its schema is still a parameter to the expressions that name it.
+    params = set(model.params) | {name.removeprefix("params.") for name in dropped if name.startswith("params.")}
     # Steps left out for failing their schema are still named as steps (not as unknown ids) by the others.
     checker.step_ids = {step.id for step in model.steps} | ({_raw_id(raw) for raw in left_out.values()} - {""})
     base = {"event", "trigger", "params", "run"}
 
     triggers: dict[str, BaseModel] = {}
-    if not model.on:
+    if not model.on and "on" not in dropped:
         checker.problem(("on",) if "on" in data else (), "a workflow needs at least one trigger under `on:` "
                         f"({', '.join(sorted(TRIGGER_CONFIGS))})")
     for trigger, config in model.on.items():
