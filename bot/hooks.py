@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # rejects is checked again against the stored one.
 CACHE_SECONDS = 5.0
 BACKLOG_RETRY_AFTER = 30  # seconds
+RECHECKS_PER_SECOND = 5
 _CONNECTION_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")  # `ids.new_connection_id`
 
 
@@ -89,6 +90,7 @@ class WebhookDoor:
         self.on_stored = on_stored
         self.cache = ConnectionCache()
         self._integrations: dict[str, Integration] = {name: cls() for name, cls in INTEGRATIONS.items()}
+        self._rechecks: dict[str, tuple[float, int]] = {}  # connection → (window start, rereads in it)
 
     async def _lookup(self, connection_id: str) -> _Known | None:
         """The connection as stored now (and cached for `CACHE_SECONDS`), or None when it is gone."""
@@ -109,6 +111,20 @@ class WebhookDoor:
                        expires=time.monotonic() + CACHE_SECONDS)
         self.cache.put(connection_id, known)
         return known
+
+    def _may_recheck(self, connection_id: str) -> bool:
+        """May a request whose signature failed against the cached secret make this process read the stored one
+        again (another process may have rotated it)? A few times a second per connection: enough for the first
+        webhooks signed with a new secret, while a flood of bad signatures costs an HMAC each, not a read and a
+        decryption."""
+        now = time.monotonic()
+        started, count = self._rechecks.get(connection_id, (now, 0))
+        if now - started >= 1.0:
+            started, count = now, 0
+        if count >= RECHECKS_PER_SECOND:
+            return False
+        self._rechecks[connection_id] = (started, count + 1)
+        return True
 
     async def _recent_duplicate(self, team_id: str, source: str, delivery_ids: list[str], window: float
                                 ) -> int | None:
@@ -180,7 +196,7 @@ class WebhookDoor:
         incoming = IncomingWebhook(body=body, headers=request.headers, query=request.query,
                                    remote=request.remote)
         verified = integration.verify(secret=known.secret, request=incoming, now=time.time())
-        if not verified and cached is not None:
+        if not verified and cached is not None and self._may_recheck(connection_id):
             # The secret may have been rotated by another process since it was cached here.
             stored_now = await self._lookup(connection_id)
             if stored_now is None:

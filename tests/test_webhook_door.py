@@ -384,3 +384,27 @@ async def test_signed_payloads_of_an_odd_shape_are_400_not_500(make_bot, workflo
     async with bot.services.db.read() as session:
         event = (await session.execute(select(Event))).scalar_one()
     assert event.link is None
+
+
+async def test_a_flood_of_bad_signatures_does_not_make_the_door_read_the_secret_each_time(make_bot, workflows,
+                                                                                          monkeypatch):
+    """A failed signature makes the door read the stored secret again (another process may have rotated it),
+    but only a few times a second: otherwise anyone could make every request cost a read and a decryption."""
+    bot, url, secret = await connected(make_bot, workflows)
+    body = b'{"summary": "x"}'
+    assert (await bot.post(url, body, {"Authorization": f"Bearer {secret}", "X-Request-Id": "ok"}))[0] == 202
+    keyring = bot.services.keyring
+    opened = 0
+    real_open = keyring.open
+
+    async def counting_open(*args, **kwargs):
+        nonlocal opened
+        opened += 1
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(keyring, "open", counting_open)
+    for number in range(40):
+        status, _ = await bot.post(url, body, {"Authorization": "Bearer wrong", "X-Request-Id": f"bad-{number}"})
+        assert status == 401
+    assert 1 <= opened <= 10, opened
+    assert (await bot.post(url, body, {"Authorization": f"Bearer {secret}", "X-Request-Id": "ok-2"}))[0] == 202
