@@ -222,6 +222,9 @@ async def test_a_value_typed_into_the_command_is_refused_not_stored(make_bot, sl
                        ("secret set TOKEN hunter2", ALICE)):
         reply = await bot.command(text, user=user)
         assert "Nothing was stored" in reply and "treat it as exposed" in reply and "hunter2" not in reply, text
+    token = "ghp_" + "hunter2" * 6  # a GitHub token is a valid name, but it is a value
+    reply = await bot.command(f"secret set {token}")
+    assert "Nothing was stored" in reply and "treat it as exposed" in reply and token not in reply
     assert slack.calls_of("views.open") == []
     assert "A name is letters, digits and `_`" in await bot.command("secret set 9LIVES")
     assert "`/relay secret set <NAME>` opens a form" in await bot.command("secret delete TOKEN hunter2")
@@ -429,6 +432,8 @@ async def test_the_cli_sets_lists_and_deletes_with_the_value_on_stdin(make_bot, 
     assert code == 1 and "cannot be empty" in err
     code, _, err = await relaybot("set", "--team", TEAM, "BAD-NAME", stdin="x")
     assert code == 1 and "cannot be a secret's name" in err
+    code, _, err = await relaybot("set", "--team", TEAM, "AKIA" + "HUNTER2" * 2 + "XY", stdin="x")
+    assert code == 1 and "looks like a token" in err and "AKIAHUNTER2" not in err
     code, out, _ = await relaybot("delete", "--team", TEAM, "DEPLOY_TOKEN")
     assert code == 0 and "deleted" in out
     code, _, err = await relaybot("delete", "--team", TEAM, "DEPLOY_TOKEN")

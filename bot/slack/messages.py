@@ -381,6 +381,9 @@ SECRET_USAGE = ("`{command} secret set <NAME>` opens a form to store a secret ·
                 "`{command} secret delete <NAME>` (admins). Workflows use a secret as `${{{{ secrets.NAME }}}}`.")
 SECRET_BAD_NAME = ("`{name}` cannot be a secret's name: use letters, digits and `_`, not starting with a digit, "
                    "at most {limit} characters (e.g. `DEPLOY_TOKEN`).")
+SECRET_NAME_IS_A_CREDENTIAL = ("That looks like a token, not a secret's name: give the secret a name (e.g. "
+                               "`GITHUB_TOKEN`) and its value in the form. If it is a real token, consider it "
+                               "exposed and revoke it.")
 SECRET_NEED_NAME = "Which secret? `{command} secret {sub} <NAME>`."
 SECRET_NOT_FOUND = "There is no secret `{name}` in this workspace. `{command} secret list` shows them."
 SECRET_DELETED = (":wastebasket: Secret `{name}` deleted. Workflows that use it will fail at that step until it "

@@ -48,6 +48,8 @@ VALUE_BLOCK, VALUE_INPUT = "secret_value", "value"
 MAX_VALUE_BYTES = 64 * 1024
 MAX_NAME_LENGTH = 100  # the width of secrets.name
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Credentials that are also valid names (GitHub, Stripe, AWS key ids): a value typed where the name goes.
+_CREDENTIAL = re.compile(r"gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|[sr]k_(?:live|test)_\w{10,}|AKIA[0-9A-Z]{16}")
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -55,6 +57,8 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a secret (it must work as `secrets.NAME` in an expression), or None."""
+    if _CREDENTIAL.fullmatch(name):
+        return messages.SECRET_NAME_IS_A_CREDENTIAL  # not repeated back: it is the value, typed in the open
     if not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
         return messages.SECRET_BAD_NAME.format(name=messages.escape(name[:MAX_NAME_LENGTH]), limit=MAX_NAME_LENGTH)
     return None
