@@ -364,6 +364,13 @@ async def test_anyone_means_anyone_in_the_channel_and_home_shows_only_ones_own_c
 
     refusal = await bot.click(card, "approve", user=ALICE, channel="C0SECRET1")
     assert refusal == "Anyone in <#C0SECRET1> may decide this step, and you are not in it. Nothing was changed."
+    async with bot.services.db.read() as session:
+        run_id = (await session.execute(select(Run.id))).scalar_one()
+    hidden = f"There is no run `{run_id}` in the channels you are in."
+    assert await bot.command(f"status {run_id}", user=ALICE) == hidden  # typed in another channel
+    assert await bot.command(f"cancel {run_id}", user=ALICE) == hidden
+    assert "the quiet one" in await bot.command(f"status {run_id}", user=BOB)
+    assert "the quiet one" in await bot.command(f"status {run_id}")  # an admin sees every channel's runs
     assert await bot.click(card, "approve", user=BOB, channel="C0SECRET1") is None
     await bot.wait_thread(card, "Run succeeded", channel="C0SECRET1")
 

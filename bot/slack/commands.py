@@ -353,12 +353,21 @@ async def cmd_runs(services: Services, command: Command, words: list[str]) -> st
 
 
 async def find_run(services: Services, command: Command, words: list[str], sub: str) -> Run:
-    """The run a command names, in the command's workspace only."""
+    """The run a command names, in the command's workspace, and in a channel the person is in (admins: any):
+    a private channel's runs are not for the rest of the workspace, as on the Home tab."""
     if not words:
         raise UserError(messages.NEED_RUN.format(command=command.name, sub=sub))
     async with services.db.read() as session:
         run = (await session.execute(select(Run).where(Run.id == normalize_run_id(words[0]),
                                                        Run.team_id == command.team_id))).scalar_one_or_none()
+    if run is not None and run.channel_id != command.channel_id:
+        try:
+            visible = (await services.people.in_channel(command.team_id, command.user_id, run.channel_id)
+                       or await services.people.is_admin(command.team_id, command.user_id))
+        except LookupFailed as exc:
+            raise NotAllowed(messages.RUN_LOOKUP_FAILED.format(error=exc)) from None
+        if not visible:
+            run = None  # said as if there were none: whether it exists is the channel's business too
     if run is None:
         raise NotFound(messages.UNKNOWN_RUN.format(run_id=messages.escape(words[0])))
     return run
