@@ -224,16 +224,20 @@ class WebhookDoor:
         if _UNSTORABLE_ESCAPES.search(body):
             parsed.payload = _storable_payload(parsed.payload)
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
+        straddle: dict[str, Any] = {}
         if parsed.dedupe_window is not None and parsed.delivery_id:
             # A content hash is a duplicate only within the window: it is stored with the window-long slice of
             # time it came in, and the same hash is looked up in this slice and the one before.
-            current, before = content_deliveries(parsed.delivery_id, parsed.dedupe_window, time.time())
+            current, before, after = content_deliveries(parsed.delivery_id, parsed.dedupe_window, time.time())
             earlier = await self._recent_duplicate(known.team_id, known.integration, [current, before],
                                                    parsed.dedupe_window)
             if earlier is not None:
                 self.metrics.events_duplicate.labels(source=known.integration).inc()
                 return web.json_response({"ok": True, "event": earlier, "duplicate": True}, status=202)
             delivery = current
+            # A copy being stored right now in the neighbouring slice is found where the event is written.
+            straddle = {"duplicate_if_stored": (before, after), "duplicate_window": parsed.dedupe_window,
+                        "dedupe_group": parsed.delivery_id}
         stored = await self.inbox.store(NewEvent(
             team_id=known.team_id, source=known.integration, delivery_id=delivery_key(delivery),
             kind=storable(parsed.kind, 200), payload=parsed.payload, received_at=datetime.now(UTC),
@@ -241,7 +245,7 @@ class WebhookDoor:
             link=storable(parsed.link, 2000) if parsed.link is not None else None,
             headers={storable(name, 200): storable(value, 2000) for name, value in parsed.headers.items()},
             event_name=storable(parsed.event_name, 200) if parsed.event_name is not None else None,
-            actionable=parsed.actionable, connection_id=connection_id, source_addr=request.remote))
+            actionable=parsed.actionable, connection_id=connection_id, source_addr=request.remote, **straddle))
         if stored.duplicate:
             self.metrics.events_duplicate.labels(source=known.integration).inc()
         else:
@@ -303,13 +307,14 @@ def delivery_key(delivery: str) -> str:
     return f"{cleaned[:135]}~{hashlib.sha256(delivery.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
-def content_deliveries(content_hash: str, window: float, now: float) -> tuple[str, str]:
-    """The delivery ids of a content hash in the current slice of time `window` seconds long and in the slice
-    before. Two identical notifications in one slice share an id, so the inbox's unique key keeps only one even
-    when both arrive at once (the two peers of an Alertmanager HA pair); and the lookup is by exact ids, which
-    the unique index answers at once however many events are stored."""
+def content_deliveries(content_hash: str, window: float, now: float) -> tuple[str, str, str]:
+    """The delivery ids of a content hash in the current slice of time `window` seconds long, in the slice
+    before and in the one after. Two identical notifications in one slice share an id, so the inbox's unique key
+    keeps only one even when both arrive at once (the two peers of an Alertmanager HA pair); two that straddle
+    a slice's end are caught by the inbox, which looks for the neighbours' ids in the transaction that stores
+    (`NewEvent.duplicate_if_stored`). Lookups are by exact ids, which the unique index answers at once."""
     slice_ = int(now // window)
-    return f"{content_hash}@{slice_}", f"{content_hash}@{slice_ - 1}"
+    return f"{content_hash}@{slice_}", f"{content_hash}@{slice_ - 1}", f"{content_hash}@{slice_ + 1}"
 
 
 def recent_duplicate(*, team_id: str, source: str, delivery_ids: list[str], since: datetime) -> Select[int]:

@@ -414,3 +414,36 @@ async def test_the_door_s_backlog_is_exact_up_to_its_limit_without_counting_a_sm
                     assert counted == limit
     finally:
         await db.dispose()
+
+
+async def test_two_processes_storing_the_same_content_in_neighbouring_slices_keep_one(database_url):
+    """The copies of an Alertmanager notification sent by an HA pair land in two processes, one each side of a
+    slice's end: each looks for the other's id in its own transaction, and only one of them may be stored."""
+    from datetime import UTC, datetime
+
+    db, other = Database(database_url), Database(database_url)
+    await migrate.upgrade(db)
+    inboxes = Inbox(db), Inbox(other)
+
+    def copy(content: int, slice_: int) -> NewEvent:
+        return NewEvent(team_id="T1", source="alertmanager", delivery_id=f"c{content}@{slice_}", kind="alert",
+                        payload={"content": content}, received_at=datetime.now(UTC), dedupe_group=f"c{content}",
+                        duplicate_if_stored=(f"c{content}@{slice_ - 1}", f"c{content}@{slice_ + 1}"),
+                        duplicate_window=300.0)
+
+    try:
+        for round_ in range(8):  # each round: a batch in each process at once, which may or may not overlap
+            contents = range(round_ * 20, round_ * 20 + 20)
+            outcomes = await asyncio.gather(*[inboxes[0].store(copy(content, 1)) for content in contents],
+                                            *[inboxes[1].store(copy(content, 2)) for content in contents])
+            for offset, content in enumerate(contents):
+                pair = outcomes[offset], outcomes[len(contents) + offset]
+                assert sorted(outcome.duplicate for outcome in pair) == [False, True], (content, pair)
+                assert pair[0].event_id == pair[1].event_id
+        async with db.read() as session:
+            assert await session.scalar(select(func.count()).select_from(Event)) == 160
+    finally:
+        for inbox in inboxes:
+            await inbox.close()
+        await db.dispose()
+        await other.dispose()

@@ -265,9 +265,9 @@ async def test_the_inbox_depth_and_the_backlog_limit(make_bot, workflows):
 
 
 def test_a_content_hash_is_stored_with_its_slice_of_time_and_looked_up_in_that_slice_and_the_one_before():
-    assert content_deliveries("am-1", 300.0, 600.0) == ("am-1@2", "am-1@1")
-    assert content_deliveries("am-1", 300.0, 899.9) == ("am-1@2", "am-1@1")  # the same slice: the same id
-    assert content_deliveries("am-1", 300.0, 900.0) == ("am-1@3", "am-1@2")  # the next: the last one is looked at
+    assert content_deliveries("am-1", 300.0, 600.0) == ("am-1@2", "am-1@1", "am-1@3")
+    assert content_deliveries("am-1", 300.0, 899.9) == ("am-1@2", "am-1@1", "am-1@3")  # the same slice: the same id
+    assert content_deliveries("am-1", 300.0, 900.0) == ("am-1@3", "am-1@2", "am-1@4")  # the next: the last is looked at
 
 
 async def test_bodies_that_cannot_be_read_are_400_not_500(make_bot, workflows):
@@ -408,3 +408,34 @@ async def test_a_flood_of_bad_signatures_does_not_make_the_door_read_the_secret_
         assert status == 401
     assert 1 <= opened <= 10, opened
     assert (await bot.post(url, body, {"Authorization": f"Bearer {secret}", "X-Request-Id": "ok-2"}))[0] == 202
+
+
+@BOTH_DATABASES
+async def test_copies_of_a_notification_straddling_a_slice_end_start_one_run(make_bot, workflows, monkeypatch):
+    """Alertmanager sends no delivery id: a notification is stored under its content hash and the 5-minute
+    slice it came in. Two copies arriving together on either side of a slice's end (an HA pair) once each
+    passed the door's lookup before the other was stored, and started two runs."""
+    import bot.hooks as hooks
+    from bot.store.models import Run
+
+    write_workflow(workflows, "am", "name: am\non: {alertmanager: {}}\nsteps: []\n")
+    first = await make_bot()
+    url, secret = connection_from(await first.command("enable am"), "alertmanager")
+    second = await make_bot()  # another process on the same database
+    boundary = (int(time.time()) // 300 + 1) * 300.0
+    arrivals = iter([boundary - 0.01, boundary + 0.01] * 2)
+    real = hooks.content_deliveries
+    monkeypatch.setattr(hooks, "content_deliveries", lambda digest, window, now: real(digest, window, next(arrivals)))
+    notification = json.loads((CORPORA / "alertmanager/firing.json").read_text())
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    path = url.removeprefix(first.url)
+    for group, (one, other) in (("same-process", (first, first)), ("two-processes", (first, second))):
+        body = json.dumps({**notification, "groupKey": group}).encode()
+        answers = await asyncio.gather(one.post(one.url + path, body, headers),
+                                       other.post(other.url + path, body, headers))
+        assert sorted(answer["duplicate"] for _, answer in answers) == [False, True], (group, answers)
+        assert answers[0][1]["event"] == answers[1][1]["event"], group
+    await first.settle()
+    async with first.services.db.read() as session:
+        assert await session.scalar(select(func.count()).select_from(Event)) == 2
+        assert await session.scalar(select(func.count()).select_from(Run)) == 2
