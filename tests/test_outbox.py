@@ -64,6 +64,37 @@ async def test_slack_refusing_for_a_while_then_everything_arrives_once_and_in_or
     assert "relaybot_outbox_depth 0.0" in metrics
 
 
+async def test_a_429_pauses_the_channel_for_as_long_as_slack_says(make_bot, workflows, target, slack):
+    """Slack spells the header `retry-after`; it was looked up as `Retry-After`, missed, and every 429 waited the
+    1 s fallback, so the outbox kept asking while Slack said to wait longer."""
+    bot, fire = await setup(make_bot, workflows, target)
+    slack.fail("chat.postMessage", status=429, headers={"retry-after": "3"}, times=1)
+    await fire(0)
+    await bot.slack.wait_for(lambda: len(bot.cards()) == 1, timeout=30)
+    posts = [call for call in slack.calls if call.method == "chat.postMessage"]
+    assert posts[0].status == 429 and posts[1].status == 200
+    assert posts[1].at - posts[0].at >= 2.9, posts[1].at - posts[0].at
+
+
+async def test_a_post_answered_with_a_5xx_after_slack_made_it_is_not_made_twice(make_bot, workflows, target,
+                                                                                   slack):
+    """A 502 from a proxy after Slack posted the message: the retry posted it again (a second card, whose first
+    copy kept its buttons for good; a reply twice). A post that may have arrived is now looked for first."""
+    bot, fire = await setup(make_bot, workflows, target)
+    slack.fail("chat.postMessage", status=502, times=2, carried_out=True)  # the card, then its first reply
+    await fire(0)
+    await bot.slack.wait_for(lambda: bot.cards() and "Run succeeded" in " ".join(bot.thread_texts(bot.cards()[0])),
+                             timeout=30)
+    await bot.settle(timeout=30)
+    [card] = bot.cards()
+    thread = bot.thread_texts(card)
+    expected = ["Run `", "*a* started", "*a* succeeded", "Run succeeded"]
+    assert len(thread) == len(expected), thread
+    assert all(needle in line for needle, line in zip(expected, thread, strict=True)), thread
+    looked_up = {call.method for call in slack.calls}
+    assert {"conversations.history", "conversations.replies"} <= looked_up
+
+
 async def test_a_minute_of_slack_outage_then_the_outbox_drains_once_and_in_order(make_bot, workflows, target,
                                                                                  slack):
     """Slack answers every post with 429 (Retry-After) or 500 for a whole minute; afterwards every card and
@@ -273,3 +304,4 @@ async def test_two_processes_that_saw_the_same_lanes_never_both_claim_one(databa
             assert found["e"] == found["f"] == {"first"}
     finally:
         await db.dispose()
+

@@ -393,3 +393,25 @@ async def test_socket_mode_needs_no_public_url_for_slack(make_bot, workflows, ta
     await slack.send_event(TEAM, {"type": "app_home_opened", "user": ALICE, "tab": "home"})
     await slack.wait_for(lambda: slack.teams[TEAM].home_views.get(ALICE))
     assert len(target.requests_to("/deploy")) == 1
+
+
+async def test_one_workspaces_failure_in_a_channel_does_not_fail_anothers_messages(make_bot, workflows, target,
+                                                                                    slack):
+    """Messages of no run were laned by channel alone, and a lane fails whole: a workspace without a token (or
+    one that cannot see the channel) made another workspace's messages to the same channel id fail unsent."""
+    from bot.engine import journal
+    from bot.store.models import OutboxMessage
+
+    bot = await oauth_bot(make_bot, slack)
+    await install(bot, TEAM)  # and not T0GONE0001: no token to post with
+    async with bot.services.db.write() as session:
+        journal.enqueue(session, team_id="T0GONE0001", channel_id=CHANNEL, kind=journal.POST,
+                        payload={"text": "theirs"})
+        journal.enqueue(session, team_id=TEAM, channel_id=CHANNEL, kind=journal.POST, payload={"text": "ours"})
+    bot.services.wake()
+    await bot.slack.wait_for(lambda: any(m.text == "ours" for m in slack.channel_messages(TEAM, CHANNEL)),
+                             timeout=20)
+    await bot.settle(timeout=20)
+    async with bot.services.db.read() as session:
+        states = dict((await session.execute(select(OutboxMessage.team_id, OutboxMessage.state))).all())
+    assert states == {"T0GONE0001": "failed", TEAM: "sent"}

@@ -106,6 +106,7 @@ class Failure:
     headers: dict[str, str] = field(default_factory=dict)
     remaining: int = 1
     until: float | None = None  # time.monotonic(): fail every call until then, however many
+    carried_out: bool = False  # the call is carried out all the same (a 5xx from a proxy after Slack posted)
 
 
 def sign(signing_secret: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
@@ -171,16 +172,18 @@ class SlackEmulator:
                                                     "members": None if members is None else set(members)}
 
     def fail(self, method: str, *, status: int = 200, error: str | None = None,
-             headers: dict[str, str] | None = None, times: int = 1) -> None:
-        """Make the next `times` calls of `method` fail (status 429/5xx, or `ok: false` with `error`)."""
-        self.failures[method].append(Failure(status=status, error=error, headers=headers or {}, remaining=times))
+             headers: dict[str, str] | None = None, times: int = 1, carried_out: bool = False) -> None:
+        """Make the next `times` calls of `method` fail (status 429/5xx, or `ok: false` with `error`);
+        `carried_out`: each is done all the same, only its answer is the failure."""
+        self.failures[method].append(Failure(status=status, error=error, headers=headers or {}, remaining=times,
+                                             carried_out=carried_out))
 
     def fail_for(self, method: str, *, seconds: float, statuses: tuple[int, ...] = (429, 500),
                  retry_after: str = "1") -> None:
         """Make every call of `method` fail for `seconds` (an outage), cycling through `statuses`."""
         until = time.monotonic() + seconds
         for status in statuses:
-            headers = {"Retry-After": retry_after} if status == 429 else {}
+            headers = {"retry-after": retry_after} if status == 429 else {}  # as Slack spells it
             self.failures[method].append(Failure(status=status, headers=headers, until=until))
 
     def answer_slowly(self, method: str, *, seconds: float, times: int = 1) -> None:
@@ -256,6 +259,9 @@ class SlackEmulator:
                 queue.append(queue.pop(0))  # an outage: the next call fails with the next status
             status, headers = failure.status, failure.headers
             payload = {"ok": False, "error": failure.error or ("ratelimited" if status == 429 else "internal_error")}
+            handler = getattr(self, "_m_" + method.replace(".", "_"), None)
+            if failure.carried_out and team is not None and handler is not None:
+                handler(team, args)
         elif method == "oauth.v2.access":
             payload = self._oauth_access(args)
         elif method == "apps.connections.open":

@@ -22,9 +22,10 @@ POST = "post"
 def enqueue(session: AsyncSession, *, team_id: str, channel_id: str, kind: str, payload: dict[str, Any],
             run_id: str | None = None, now: datetime | None = None) -> None:
     moment = now or datetime.now(UTC)
-    row = {"team_id": team_id, "channel_id": channel_id, "run_id": run_id, "lane": run_id or channel_id,
-           "kind": kind, "payload": payload, "state": "pending", "attempts": 0, "not_before": moment,
-           "created_at": moment}
+    # A message of no run waits only behind its own workspace's in that channel (a failure ends a lane).
+    row = {"team_id": team_id, "channel_id": channel_id, "run_id": run_id,
+           "lane": run_id or f"{team_id}:{channel_id}", "kind": kind, "payload": payload, "state": "pending",
+           "attempts": 0, "not_before": moment, "created_at": moment}
     if not insert_later(session, OutboxMessage, row):
         session.add(OutboxMessage(**row))
 

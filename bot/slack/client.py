@@ -93,7 +93,9 @@ class SlackApi:
             body = {k: _form_value(v) for k, v in kwargs.items() if v is not None}
         async with self.session().post(url, data=body, headers=headers) as response:
             raw = await response.read()
-            status, response_headers = response.status, dict(response.headers)
+            # Lower-cased names: Slack sends `retry-after`, and a plain dict would look names up by case.
+            status = response.status
+            response_headers = {name.lower(): value for name, value in response.headers.items()}
         try:
             data = jsontext.loads(raw) if raw else {}
         except ValueError:

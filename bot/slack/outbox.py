@@ -1,12 +1,13 @@
 """The outbox dispatcher: delivers the Slack messages that transitions wrote, in order, paced, retried.
 
-Messages are grouped in lanes (a run's card and thread, or a channel); a lane is delivered one message at a
-time in id order, so a thread reads in the order things happened and a reply never precedes its card. A
-card row carries no text: the card is rendered from the run's current state when it is delivered, so several
-pending card refreshes become one `chat.update`.
+Messages are grouped in lanes (a run's card and thread, or one workspace's messages to a channel); a lane is
+delivered one message at a time in id order, so a thread reads in the order things happened and a reply never
+precedes its card. A card row carries no text: the card is rendered from the run's current state when it is
+delivered, so several pending card refreshes become one `chat.update`.
 
 Pacing: about `RELAYBOT_SLACK_CHANNEL_RATE` messages per second per channel (a small burst allowed);
-`429` pauses the channel for `Retry-After`; `5xx`, timeouts and network errors are retried with backoff;
+`429` pauses the channel for `Retry-After`; `5xx`, timeouts and network errors are retried with backoff (a post
+whose answer was lost or a 5xx is looked for in Slack first, by its metadata, as after a crash);
 errors that retrying cannot mend (`channel_not_found`, `not_in_channel`, `invalid_auth` …) fail the lane's
 messages and are logged.
 """
@@ -124,11 +125,15 @@ class LeaseLost(Exception):
 
 
 class RetryLater(Exception):
-    def __init__(self, delay: float, reason: str, *, rate_limited: bool = False) -> None:
+    """`maybe_sent`: the post may have reached Slack (a 5xx or a lost answer), so whoever delivers the message
+    next looks for it in Slack first."""
+
+    def __init__(self, delay: float, reason: str, *, rate_limited: bool = False, maybe_sent: bool = False) -> None:
         super().__init__(reason)
         self.delay = delay
         self.reason = reason
         self.rate_limited = rate_limited
+        self.maybe_sent = maybe_sent
 
 
 @dataclass
@@ -459,13 +464,13 @@ class Outbox(WorkLoop):
             error = str(exc.response.get("error", "error"))
             status = exc.response.status_code
             if status == 429 or error == "ratelimited":
-                retry_after = float(exc.response.headers.get("Retry-After", "1") or 1)
+                retry_after = float(_retry_after(exc.response.headers))
                 self._bucket(pace_channel).paused_until = time.monotonic() + retry_after
                 self.metrics.slack_retries.labels(method=method, reason="429").inc()
                 raise RetryLater(retry_after, f"rate limited ({retry_after:g}s)", rate_limited=True) from None
             if status >= 500 or error in ("internal_error", "fatal_error", "service_unavailable", "request_timeout"):
                 self.metrics.slack_retries.labels(method=method, reason="5xx").inc()
-                raise RetryLater(0, f"Slack error {status} {error}") from None
+                raise RetryLater(0, f"Slack error {status} {error}", maybe_sent=method == "chat.postMessage") from None
             if error in PERMANENT_ERRORS:
                 raise PermanentFailure(f"{method}: {error}") from None
             raise RetryLater(0, f"{method}: {error}") from None
@@ -473,14 +478,18 @@ class Outbox(WorkLoop):
             raise PermanentFailure(str(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.slack_retries.labels(method=method, reason="network").inc()
-            raise RetryLater(0, f"{method}: {type(exc).__name__} {exc}") from None
+            # Only a connection never made is sure not to have posted anything.
+            maybe_sent = method == "chat.postMessage" and not isinstance(exc, aiohttp.ClientConnectorError)
+            raise RetryLater(0, f"{method}: {type(exc).__name__} {exc}", maybe_sent=maybe_sent) from None
 
-    async def _already_posted(self, head: OutboxMessage, *, thread_ts: str | None, card_of: str | None
-                              ) -> str | None:
-        """The ts of this message if an earlier, interrupted delivery did post it (found by its metadata)."""
+    async def _already_posted(self, head: OutboxMessage, *, thread_ts: str | None, card_of: str | None,
+                              settles: bool = True) -> str | None:
+        """The ts of this message (or of the run's card, `card_of`) if an earlier, interrupted delivery did post
+        it (found by its metadata). `settles=False`: the message itself is still to be looked for afterwards."""
         if head.id not in self._suspect:
             return None
-        self._suspect.discard(head.id)
+        if settles:
+            self._suspect.discard(head.id)
         if thread_ts:
             method, arguments = "conversations.replies", {"ts": thread_ts}
         else:
@@ -522,7 +531,7 @@ class Outbox(WorkLoop):
             raise PermanentFailure(f"run {message.run_id} is gone")
         if delivery.card_ts is None:
             # The card goes first, whatever message is first: replies need its ts for their thread.
-            ts = await self._already_posted(message, thread_ts=None, card_of=run.id)
+            ts = await self._already_posted(message, thread_ts=None, card_of=run.id, settles=message.kind == CARD)
             if ts is None:
                 ts = await self._post_card(delivery, run)
             delivery.card_ts = delivery.new_card_ts = ts
@@ -625,11 +634,20 @@ class Outbox(WorkLoop):
         # read every message ever sent).
         held = [d.lane for d in deliveries
                 if any(row.id not in d.sent and row.id not in d.superseded for row in d.rows)]
+        # A post that may have reached Slack keeps its owner with a lapsed lease: whoever claims its lane next,
+        # in this process or another, takes it for interrupted and looks for it in Slack before posting again.
+        maybe_sent = [d.postponed[0].id for d in deliveries if d.postponed is not None and d.postponed[1].maybe_sent]
+        if maybe_sent:
+            await session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(maybe_sent))
+                                  .values(lease_until=now))
         if held:
-            await session.execute(update(OutboxMessage)
-                                  .where(OutboxMessage.state == "pending", OutboxMessage.lane.in_(held),
-                                         OutboxMessage.lease_owner == self.owner)
-                                  .values(lease_owner=None, lease_until=None))
+            release = (update(OutboxMessage)
+                       .where(OutboxMessage.state == "pending", OutboxMessage.lane.in_(held),
+                              OutboxMessage.lease_owner == self.owner)
+                       .values(lease_owner=None, lease_until=None))
+            if maybe_sent:
+                release = release.where(OutboxMessage.id.not_in(maybe_sent))
+            await session.execute(release)
 
     async def drain(self, timeout: float) -> None:
         """Deliver what is due, for at most `timeout` seconds (used on shutdown); the rest waits for a restart."""
@@ -646,3 +664,14 @@ class Outbox(WorkLoop):
                 OutboxMessage.state == "pending", OutboxMessage.not_before <= datetime.now(UTC)))
         return not due
 
+
+def _retry_after(headers: dict[str, str] | None) -> float:
+    """Seconds Slack asks to wait after a 429 (its `retry-after`, in any case of the name; 1 if none or odd)."""
+    for name, value in (headers or {}).items():
+        if name.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return 1.0
+            return seconds if 0 < seconds < 3600 else 1.0
+    return 1.0
