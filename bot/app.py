@@ -100,7 +100,8 @@ def build_services(settings: Settings, *, catalog: Catalog | None = None, log_ma
                     command=settings.command)
     door_first = DoorFirst(max_backlog=settings.max_backlog)
     engine = Engine(db=db, intake=intake, runner=runner, owner=owner, lease=lease,
-                    poll_interval=settings.worker_poll_interval, on_work_done=outbox.wakeup, door=door_first)
+                    poll_interval=settings.worker_poll_interval, concurrency=settings.run_concurrency,
+                    on_work_done=outbox.wakeup, door=door_first)
     metrics.on_scrape(lambda: engine.refresh_gauges(metrics))
     services = Services(settings=settings, db=db, catalog=catalog, keyring=keyring, metrics=metrics, slack=slack,
                         people=People(slack=slack, extra_admins=settings.admins), inbox=Inbox(db), intake=intake,

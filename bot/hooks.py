@@ -30,6 +30,7 @@ from bot.metrics import Metrics
 from bot.store.db import Database
 from bot.store.inbox import Inbox, NewEvent
 from bot.store.models import Connection, Event, Workspace
+from bot.store.storable import storable, storable_value
 from integrations.base import BadPayload, IncomingWebhook, Integration, ParsedEvent
 from integrations.registry import INTEGRATIONS
 
@@ -222,7 +223,7 @@ class WebhookDoor:
             return _json_error(400, f"the payload is not shaped as a {known.integration} event "
                                     f"({type(exc).__name__}: {str(exc)[:200]})")
         if _UNSTORABLE_ESCAPES.search(body):
-            parsed.payload = _storable_payload(parsed.payload)
+            parsed.payload = storable_value(parsed.payload)
         delivery = parsed.delivery_id or _fallback_delivery(known.integration, body)
         straddle: dict[str, Any] = {}
         if parsed.dedupe_window is not None and parsed.delivery_id:
@@ -269,33 +270,10 @@ def _checked(parsed: ParsedEvent) -> ParsedEvent:
     return parsed
 
 
-def storable(text: str, limit: int) -> str:
-    """Text from a request as a text column can hold it: at most `limit` characters, without NUL (PostgreSQL
-    refuses it) and with anything that is not Unicode (bytes that were not UTF-8 in a header, lone surrogates
-    from a JSON escape) replaced, so that one odd sender cannot fail a write shared with others."""
-    cleaned = text.replace("\x00", "")
-    if not cleaned.isascii():
-        cleaned = cleaned.encode("utf-8", "replace").decode("utf-8")
-    return cleaned[:limit]
-
-
 # JSON escapes (and a form's `%00`) that give text a database cannot store: NUL, and UTF-16 surrogates, of which
 # a lone one is not Unicode. Raw bytes cannot give either: NUL is not allowed raw in JSON text, and bytes that
 # are not UTF-8 are refused before this. Only bodies with one of these are walked.
 _UNSTORABLE_ESCAPES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])|%00")
-
-
-def _storable_payload(value: Any) -> Any:
-    """The payload with every string (and key) made `storable`, so the run's title and card rendered from it can
-    be written too."""
-    if isinstance(value, str):
-        return storable(value, len(value))
-    if isinstance(value, dict):
-        return {storable(key, len(key)) if isinstance(key, str) else key: _storable_payload(item)
-                for key, item in value.items()}
-    if isinstance(value, list):
-        return [_storable_payload(item) for item in value]
-    return value
 
 
 def delivery_key(delivery: str) -> str:

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     # Tunables that operators rarely touch; tests shorten them.
     worker_poll_interval: float = Field(default=1.0, gt=0, validation_alias="RELAYBOT_POLL_INTERVAL")
     lease_seconds: float = Field(default=60.0, gt=0, validation_alias="RELAYBOT_LEASE_SECONDS")
+    # Runs one process advances at a time (a step in flight holds one until it ends or times out).
+    run_concurrency: int = Field(default=32, ge=1, le=10_000, validation_alias="RELAYBOT_RUN_CONCURRENCY")
     outbox_lease_seconds: float = Field(default=30.0, gt=0, validation_alias="RELAYBOT_OUTBOX_LEASE_SECONDS")
     http_timeout: float = Field(default=30.0, gt=0, validation_alias="RELAYBOT_HTTP_TIMEOUT")
     http_max_response: int = Field(default=10 * 1024 * 1024, validation_alias="RELAYBOT_HTTP_MAX_RESPONSE")

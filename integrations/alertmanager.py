@@ -158,7 +158,10 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        try:
+            return timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is longer than any duration can be") from None
     text = str(value).replace(" ", "") if isinstance(value, str) else ""
     position, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
@@ -168,7 +171,10 @@ def parse_duration(value: Any) -> timedelta:
         position = match.end()
     if not text or position != len(text):
         raise ValueError(f"{value!r} is not a duration (use e.g. 30m, 2h or 1d)")
-    return timedelta(seconds=total)
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise ValueError(f"{value!r} is longer than any duration can be") from None
 
 
 class Matcher(ActionInput):

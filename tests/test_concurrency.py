@@ -104,3 +104,87 @@ async def test_skip_does_not_run_when_the_pool_is_full(make_bot, workflows, targ
     assert len(target.received) == 1
     skipped = [card for card in bot.cards() if any("Not run:" in line for line in bot.thread_texts(card))]
     assert len(skipped) == 1
+
+
+async def test_a_run_waiting_for_its_card_to_reply_in_takes_its_slot_first(make_bot, workflows, target, slack):
+    """A first step that replies in the card's thread waits for the card's ts; the run was set running while it
+    waited, without taking a slot, and the next round took `running` for a slot held: the limit let all through."""
+    for _ in range(3):
+        target.queue("/deploy", Reply(delay=1.0))
+    bot, fire = await setup(make_bot, workflows, f"""
+        name: pool
+        on: webhook
+        concurrency: {{limit: 1}}
+        steps:
+          - id: note
+            uses: slack.post
+            with: {{text: "deploying ${{{{ event.n }}}}", thread: true}}
+          - id: deploy
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: PUT}}
+        """)
+    slack.answer_slowly("chat.postMessage", seconds=1.0, times=3)  # the cards' ts come late
+    for index in range(3):
+        await fire({"n": index}, f"d{index}")
+    await bot.slack.wait_for(lambda: target.requests_to("/deploy"), timeout=20)
+    await asyncio.sleep(0.5)
+    assert len(target.requests_to("/deploy")) == 1, "a second deploy started while the first held the only slot"
+    await bot.slack.wait_for(lambda: len(target.requests_to("/deploy")) == 3, timeout=30)
+    await bot.settle(timeout=20)
+    assert all(run.state == "succeeded" for run in await runs(bot))
+
+
+async def test_a_long_workflow_name_and_key_still_make_a_pool_the_database_takes(make_bot, workflows, target):
+    """A pool key longer than its column is hashed; the hash once left the workflow name whole, and a long name
+    (up to 63 characters) made a key PostgreSQL refused: the event was set aside and no run started."""
+    name = "deploy-" + "x" * 56
+    write_workflow(workflows, name, f"""
+        name: {name}
+        on: webhook
+        concurrency: {{limit: 1, key: event.ref}}
+        steps:
+          - id: deploy
+            uses: http.request
+            with: {{url: "{target.url}/deploy", method: PUT}}
+        """)
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command(f"enable {name}"), "webhook")
+    for index in range(2):
+        status, _ = await bot.post(url, json.dumps({"ref": f"refs/heads/feature-{index}-" + "y" * 80}).encode(),
+                                   {"Authorization": f"Bearer {secret}", "X-Request-Id": f"long-{index}"})
+        assert status == 202
+    await bot.slack.wait_for(lambda: len(target.requests_to("/deploy")) == 2, timeout=20)
+    await bot.settle(timeout=20)
+    pools = [run.concurrency_key for run in await runs(bot)]
+    assert all(run.state == "succeeded" for run in await runs(bot))
+    assert len(set(pools)) == 2 and all(len(key) <= 100 for key in pools), pools
+
+
+async def test_a_run_cancelled_mid_step_keeps_its_slot_until_the_step_ends(make_bot, workflows, target):
+    """`/relay cancel` freed the slot at once while the cancelled run's request was still in flight: the queued
+    deploy started beside it, with `limit: 1` meant as a mutex."""
+    target.queue("/deploy/1", Reply(delay=2.0))
+    bot, fire = await setup(make_bot, workflows, f"""
+        name: pool
+        on: webhook
+        concurrency: {{limit: 1}}
+        steps:
+          - id: deploy
+            uses: http.request
+            with: {{url: "{target.url}/deploy/${{{{ event.n }}}}", method: PUT}}
+        """)
+    await fire({"n": 1}, "first")
+    await bot.slack.wait_for(lambda: target.requests_to("/deploy/1"), timeout=15)
+    await fire({"n": 2}, "second")
+    for _ in range(200):  # the second run queued behind the first
+        if [run.state for run in await runs(bot)] == ["running", "queued"]:
+            break
+        await asyncio.sleep(0.05)
+    first, second = await runs(bot)
+    assert (first.state, second.state) == ("running", "queued")
+    assert "cancelled" in (await bot.command(f"cancel {first.id}")).lower()
+    await asyncio.sleep(1.0)
+    assert not target.requests_to("/deploy/2"), "the queued run started while the cancelled one still deployed"
+    await bot.slack.wait_for(lambda: target.requests_to("/deploy/2"), timeout=15)
+    await bot.settle(timeout=20)
+    assert [run.state for run in await runs(bot)] == ["cancelled", "succeeded"]

@@ -160,3 +160,45 @@ async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeatin
         assert any("chose to retry it" in text for text in thread(slack, card))
     finally:
         second.stop()
+
+
+async def test_a_cancelled_run_is_not_brought_back_by_a_retry_click(slack, workflows, target, tmp_path, database_url):
+    """`/relay cancel` of a run whose step's outcome is unknown, then Retry on a card not refreshed yet: the
+    click once won, set the run running again and repeated the non-repeatable step."""
+    target.queue("/create", Reply(delay=6, body={"id": 1}))
+    write_workflow(workflows, "create", f"""
+        name: create
+        on: webhook
+        steps:
+          - id: create
+            title: Create the release
+            uses: http.request
+            timeout: 60s
+            with: {{url: "{target.url}/create", method: POST}}
+        """)
+    await kill_once_called(slack, workflows, target, tmp_path, database_url, workflow="create", path="/create",
+                           delivery="d-4")
+    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                                log=tmp_path / "serve.log").start()
+    try:
+        card = await slack.wait_for(lambda: card_with(slack, lambda m: "retry" in buttons(m)), timeout=30)
+        stale = copy.deepcopy(card)
+        db = Database(database_url)
+        try:
+            async with db.read() as session:
+                run_id = (await session.execute(select(Run.id))).scalar_one()
+            assert "cancelled" in await command(slack, f"cancel {run_id}")
+            before = len(slack.responses)
+            await slack.click(TEAM, CHANNEL, ALICE, card.ts, "retry", snapshot=stale)
+            answer = await slack.wait_for(lambda: slack.responses[before:] and slack.responses[before], timeout=10)
+            assert "was cancelled" in answer["text"], answer
+            await slack.wait_for(lambda: True, timeout=1.5)  # time in which the step would have started again
+            async with db.read() as session:
+                run = (await session.execute(select(Run))).scalar_one()
+                step = (await session.execute(select(Step))).scalar_one()
+        finally:
+            await db.dispose()
+        assert (run.state, step.state) == ("cancelled", "cancelled")
+        assert len(target.requests_to("/create")) == 1
+    finally:
+        second.stop()

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.engine import states
 from bot.engine.expressions import Scope, format_value
 from bot.engine.loader import CompiledWorkflow
 from bot.errors import ExpressionError
-from bot.store.models import Run
+from bot.store.models import Run, Step
 
 log = logging.getLogger(__name__)
 MAX_KEY = 100
@@ -38,16 +39,25 @@ def pool_key(workflow: CompiledWorkflow, *, team_id: str, event: Any, trigger: d
             value = "(unavailable)"
     key = f"{team_id}:{workflow.name}:{value}"
     if len(key) > MAX_KEY:
-        key = f"{team_id}:{workflow.name}:#" + hashlib.sha256(value.encode()).hexdigest()[:40]
+        # The whole key hashed, after as much of it as still fits: a long workflow name (up to 63 characters)
+        # with a hashed value alone did not fit the column, and PostgreSQL refused the run.
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        key = f"{key[:MAX_KEY - len(digest) - 1]}#{digest}"
     return key
 
 
 async def holders(session: AsyncSession, run: Run, *, sqlite: bool) -> int:
-    """How many other runs of the pool hold a slot now (and, on PostgreSQL, lock the pool until commit)."""
+    """How many other runs of the pool hold a slot now (and, on PostgreSQL, lock the pool until commit).
+
+    A run cancelled while one of its steps runs holds its slot until that step ends (or its lease lapses,
+    its process gone): `limit: 1` keeps two deploys apart even while someone cancels one."""
     if not sqlite:
         await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(run.concurrency_key))))
+    step_in_flight = exists().where(Step.run_id == Run.id, Step.state == states.STEP_RUNNING)
     count = await session.scalar(select(func.count()).select_from(Run).where(
-        Run.concurrency_key == run.concurrency_key, Run.state == states.RUNNING, Run.id != run.id))
+        Run.concurrency_key == run.concurrency_key, Run.id != run.id,
+        or_(Run.state == states.RUNNING,
+            and_(Run.state == states.CANCELLED, Run.lease_until > datetime.now(UTC), step_in_flight))))
     return int(count or 0)
 
 

@@ -36,6 +36,7 @@ from bot.metrics import Metrics
 from bot.slack import messages
 from bot.store.db import Database
 from bot.store.models import Event, OutboxMessage, Run, Secret, Step, WorkflowVersion
+from bot.store.storable import storable, storable_value
 from integrations.base import ActionContext, ActionFailed, SlackPoster
 from integrations.httpclient import HttpClient
 from integrations.registry import ACTIONS
@@ -225,7 +226,10 @@ class Runner:
                     if compiled.needs_approval:
                         await self._wait(session, workflow, run, event, steps, step, compiled, now)
                         return None
-            # PENDING (ready), APPROVED, or RUNNING left behind by a process that died mid-step.
+            # PENDING (ready), APPROVED, or RUNNING left behind by a process that died mid-step. The slot first:
+            # a run waiting for its card below is `running`, which holds a slot.
+            if not await self._take_slot(session, workflow, run, event, steps, now):
+                return None
             if (compiled.model.uses == "slack.post" and compiled.model.with_.get("thread")
                     and run.card_ts is None):
                 # A thread reply needs the card's ts; the outbox posts the card first, unless Slack refused it
@@ -237,8 +241,6 @@ class Runner:
                     continue
                 run.state = states.RUNNING
                 run.wake_at = now + THREAD_WAIT
-                return None
-            if not await self._take_slot(session, workflow, run, event, steps, now):
                 return None
             return await self._start(session, workflow, run, event, steps, step, compiled, now)
         await self._finish(session, workflow, run, event, steps, now)
@@ -253,8 +255,11 @@ class Runner:
         """A step that was started and never finished, and that may not be repeated without a person's say."""
         step.state = states.UNKNOWN
         step.error = "the process running it stopped before it finished"
+        held_a_slot = run.state == states.RUNNING
         run.state = states.WAITING
         run.wake_at = None
+        if held_a_slot:  # waiting for a person holds no slot: the pool's queued runs go now, not at their fallback
+            await wake_queued(session, run.concurrency_key)
         self._refresh_card(workflow, run, event, steps)
         await journal.transition(
             session, run, actor=SYSTEM, action="step.outcome_unknown", step=step.step_id, outcome=states.UNKNOWN,
@@ -452,6 +457,13 @@ class Runner:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
             return Outcome(error=masker.text(f"input {where}: {error['msg']}"))
+        except Exception as exc:
+            # An input no check foresaw (a number too big for its type, say) fails the step now, saying so,
+            # rather than leaving it `running` until its lease ends and then "outcome unknown".
+            ref = reference_id()
+            log.warning("step %s of run %s: its inputs could not be prepared [ref %s]", plan.step_id, run_id, ref,
+                        exc_info=True)
+            return Outcome(error=masker.text(f"input: {type(exc).__name__}: {exc} (reference {ref})"))
         timeout = compiled.model.timeout.total_seconds()
         poster = ThreadInOrder(MaskedSlackPoster(self.slack_poster(team_id), masker), db=self.db, run_id=run_id)
         ctx = ActionContext(http=self.http, slack=poster,
@@ -481,18 +493,34 @@ class Runner:
 
     async def _renew_lease(self, run_id: str) -> None:
         interval = max(self.lease.total_seconds() / 3, 0.05)
+        delay = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             now = datetime.now(UTC)
-            async with self.db.write() as session:
-                # Only a lease still held: once it has lapsed, another process may already own the run.
-                await session.execute(update(Run).where(Run.id == run_id, Run.lease_owner == self.owner,
-                                                        Run.lease_until > now)
-                                      .values(lease_until=now + self.lease))
+            try:
+                async with self.db.write() as session:
+                    # Only a lease still held: once it has lapsed, another process may already own the run.
+                    await session.execute(update(Run).where(Run.id == run_id, Run.lease_owner == self.owner,
+                                                            Run.lease_until > now)
+                                          .values(lease_until=now + self.lease))
+            except Exception as exc:
+                # One failed renewal must not end them all: the step is still running here, and a lapsed lease
+                # would let another process take it over (repeat it, or call its outcome unknown).
+                log.warning("run %s: renewing its lease failed (%s: %s); trying again", run_id,
+                            type(exc).__name__, exc)
+                delay = max(interval / 4, 0.05)
+            else:
+                delay = interval
 
     async def _commit(self, run_id: str, plan: Execute, outcome: Outcome, session: AsyncSession) -> bool:
         """Write the step's result if this worker still owns it; False when it no longer does."""
         now = datetime.now(UTC)
+        # An API's answer may hold what no database stores (NUL, a lone surrogate): a result that can never be
+        # committed would be run again at every lease, or called unknown.
+        if outcome.error is not None:
+            outcome.error = storable(outcome.error, len(outcome.error))
+        if outcome.outputs is not None:
+            outcome.outputs = storable_value(outcome.outputs)
         loaded = await self._load(session, run_id)
         if loaded is None:
             log.warning("run %s: lease lost while step %s ran; its result is dropped", run_id, plan.step_id)
@@ -549,4 +577,6 @@ class Runner:
                 reason=outcome.error, now=now, details={"attempt": plan.attempt, "ms": step.duration_ms},
                 thread=messages.thread_step_finished(title=step.title, outcome=final, seconds=outcome.seconds,
                                                      result=messages.escape(outcome.error or "")))
+        if ended:  # a cancelled run held its slot until this step ended (`holders`)
+            await wake_queued(session, run.concurrency_key)
         return True

@@ -23,7 +23,10 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        try:
+            return timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is longer than any duration can be") from None
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a duration looks like 30s, 10m, 1h30m or 2d")
     text = value.strip().replace(" ", "")
@@ -36,7 +39,10 @@ def parse_duration(value: Any) -> timedelta:
         position = match.end()
     if position != len(text) or position == 0:
         raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 10m, 1h30m or 2d)")
-    return timedelta(seconds=total)
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise ValueError(f"{value!r} is longer than any duration can be") from None
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]

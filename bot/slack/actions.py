@@ -51,7 +51,6 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
         raise UserError(messages.CLICK_UNKNOWN_RUN)
     run_id, step_id = parsed
     choice = str(action.get("action_id") or "")
-    approve = choice in (APPROVE_ACTION, RETRY_ACTION)
     # Approve acts on a step waiting for approval, Retry on one whose outcome is unknown, Skip on either.
     decidable: tuple[str, ...] = {APPROVE_ACTION: (states.STEP_WAITING,), RETRY_ACTION: (states.UNKNOWN,)}.get(
         choice, (states.STEP_WAITING, states.UNKNOWN))
@@ -84,9 +83,39 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
         return refusal.format(title=messages.escape(step.title), approvers=who)
     person = await services.people.person(team_id, user_id)
     name = person.name or _user_name(body)
+    try:
+        return await _apply(services, run=run, step=step, workflow=workflow, choice=choice, user_id=user_id,
+                            name=name)
+    except _ClickLost as lost:
+        return lost.explanation
+
+
+class _ClickLost(Exception):
+    """The click lost a race; its transaction is rolled back and the person told why."""
+
+    def __init__(self, explanation: str) -> None:
+        super().__init__(explanation)
+        self.explanation = explanation
+
+
+async def _apply(services: Services, *, run: Run, step: Step, workflow: CompiledWorkflow, choice: str,
+                 user_id: str, name: str | None) -> str | None:
+    """The click's change, in one transaction; an explanation instead when the run has ended meanwhile."""
     now = datetime.now(UTC)
+    approve = choice in (APPROVE_ACTION, RETRY_ACTION)
     retry = choice == RETRY_ACTION
     async with services.db.write() as session:
+        # The run first, and only while it is active: a click racing `/relay cancel` (or a stale card of a run
+        # cancelled since) must not bring the run back. With a `concurrency:` pool the runner first checks for
+        # a free slot; a queued run goes through it.
+        revived = await session.execute(
+            update(Run).where(Run.id == run.id, Run.state.in_(states.ACTIVE_RUN_STATES))
+            .values(state=states.QUEUED if run.concurrency_key else states.RUNNING, wake_at=now))
+        if not revived.rowcount:  # type: ignore[attr-defined]
+            ended = await session.get(Run, run.id, populate_existing=True)
+            if ended is not None and ended.state == states.CANCELLED:
+                return messages.CLICK_RUN_CANCELLED.format(who=messages.user(ended.cancelled_by))
+            return messages.CLICK_STALE
         values: dict[str, Any] = {"state": states.APPROVED if approve else states.SKIPPED}
         if not retry:  # a retry keeps the record of who approved the step in the first place
             values |= {"decision": "approved" if approve else "skipped", "decided_by": user_id,
@@ -100,13 +129,11 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
             who_text = (messages.user(fresh.decided_by, fresh.decided_by_name)
                         if fresh and fresh.decided_by else None)
             if fresh is not None and who_text:
-                return messages.CLICK_ALREADY_DECIDED.format(state=f"{fresh.decision} by {who_text}")
-            return messages.CLICK_STALE
-        run = await session.get(Run, run.id, populate_existing=True)
-        assert run is not None
-        # With a `concurrency:` pool the runner first checks for a free slot; a queued run goes through it.
-        run.state = states.QUEUED if run.concurrency_key else states.RUNNING
-        run.wake_at = now
+                raise _ClickLost(messages.CLICK_ALREADY_DECIDED.format(state=f"{fresh.decision} by {who_text}"))
+            raise _ClickLost(messages.CLICK_STALE)
+        revived_run = await session.get(Run, run.id, populate_existing=True)
+        assert revived_run is not None
+        run = revived_run
         event = await session.get(Event, run.event_id)
         assert event is not None
         steps = list((await session.execute(select(Step).where(Step.run_id == run.id).order_by(Step.position)
@@ -121,7 +148,7 @@ async def decide(services: Services, body: dict[str, Any], action: dict[str, Any
         else:
             thread = messages.thread_step_skipped_by(title=step.title, user_id=user_id, name=name)
             action_name, outcome, reason = "step.skipped", states.SKIPPED, "skipped by a person"
-        await journal.transition(session, run, actor=Actor(user_id, name), action=action_name, step=step_id,
+        await journal.transition(session, run, actor=Actor(user_id, name), action=action_name, step=step.step_id,
                                  outcome=outcome, now=now, thread=thread, reason=reason)
     services.wake()
     return None

@@ -37,9 +37,11 @@ async def cancel_run(services: Services, *, run_id: str, team_id: str, actor: Ac
                     wake_at=None))
         if not result.rowcount:  # type: ignore[attr-defined]
             return False
-        # A step in flight finishes and records its own outcome; the others will never run.
+        # A step in flight finishes and records its own outcome; the others will never run (one whose outcome
+        # is unknown included: its Retry button must not start it again).
         await session.execute(update(Step).where(
-            Step.run_id == run_id, Step.state.in_([states.PENDING, states.STEP_WAITING, states.APPROVED]))
+            Step.run_id == run_id,
+            Step.state.in_([states.PENDING, states.STEP_WAITING, states.APPROVED, states.UNKNOWN]))
             .values(state=states.STEP_CANCELLED, finished_at=now))
         run = await session.get(Run, run_id, populate_existing=True)
         assert run is not None
