@@ -175,11 +175,12 @@ async def test_connect_shows_the_secret_once_and_rotates(make_bot, workflows, ta
 
 async def test_a_secret_typed_after_connect_is_not_echoed_and_is_called_exposed(make_bot, workflows, target):
     bot = await deploy_bot(make_bot, workflows, target)
-    pasted = "pd_Zx81kQ7mW2"
+    pasted, quoted = "pd_Zx81kQ7mW2", "p4ss'w0rd"  # a quote once made it "check the quotes", inviting a retype
     for text, user in ((f"connect pagerduty {pasted}", ADMIN), (f"connect pagerduty set-secret {pasted}", ADMIN),
-                       (f"connect github set-secret {pasted}", ALICE), (f"connect github {pasted}", ALICE)):
+                       (f"connect github set-secret {pasted}", ALICE), (f"connect github {pasted}", ALICE),
+                       (f"connect pagerduty set-secret {quoted}", ADMIN), (f"secret set DEPLOY_TOKEN {quoted}", ALICE)):
         reply = await bot.command(text, user=user)
-        assert pasted not in reply and pasted.lower() not in reply, text
+        assert pasted not in reply and pasted.lower() not in reply and "w0rd" not in reply, text
         assert "treat it as exposed" in reply and "Nothing was" in reply, text
     async with bot.services.db.read() as session:
         assert (await session.execute(select(AuditRecord))).scalars().all() == []
@@ -286,3 +287,18 @@ async def test_an_unexpected_error_shows_a_reference_that_is_in_the_log(make_bot
     logged = [record for record in caplog.records if reference in record.getMessage()]
     assert logged and "the database fell over" in (logged[0].exc_text or "")
     assert "Traceback" not in reply and "RuntimeError" not in reply
+
+
+async def test_workflows_are_not_enabled_or_run_in_a_direct_message(make_bot, workflows, target):
+    """relaybot cannot see who is in a DM, and took one for a conversation everyone is in: a workflow enabled
+    there had its runs listed, approvable and cancellable by the whole workspace."""
+    from bot.store.models import Run
+
+    bot = await deploy_bot(make_bot, workflows, target)
+    for text in ("enable deploy", "run deploy who=x"):
+        refusal = await bot.command(text, channel="D0DIRECT01")
+        assert refusal.startswith("Workflows run in channels") and f"`/relay {text.split()[0]}`" in refusal, refusal
+    async with bot.services.db.read() as session:
+        assert (await session.execute(select(Subscription))).scalars().all() == []
+        assert (await session.execute(select(Run))).scalars().all() == []
+    assert not await bot.services.people.in_channel(TEAM, ALICE, "D0DIRECT01")

@@ -73,10 +73,10 @@ async def submit(slack: SlackEmulator, view: dict[str, Any], values: dict[tuple[
     return json.loads(text) if text.strip() else {}
 
 
-async def open_form(bot: Any, text: str, *, user: str = ADMIN) -> dict[str, Any]:
+async def open_form(bot: Any, text: str, *, user: str = ADMIN, channel: str = CHANNEL) -> dict[str, Any]:
     """Type the command; return the modal that views.open showed (read from the emulator's modals)."""
     before = len(bot.slack.calls_of("views.open"))
-    status, _ = await bot.slack.slash_command(TEAM, CHANNEL, user, text)
+    status, _ = await bot.slack.slash_command(TEAM, channel, user, text)
     assert status == 200
     await bot.slack.wait_for(lambda: len(bot.slack.calls_of("views.open")) > before)
     call = bot.slack.calls_of("views.open")[-1]
@@ -147,6 +147,17 @@ async def test_secret_set_opens_a_modal_and_the_submission_stores_it_sealed(make
     again = await set_secret_with_form(bot, "DEPLOY_TOKEN", value + "-2")
     assert "replaced" in again
     assert [r.details["replaced"] for r in await audit_records(bot, "secret.")] == [False, True]
+
+
+async def test_a_form_sent_from_where_relaybot_cannot_post_is_confirmed_by_direct_message(make_bot, slack):
+    """From a DM with a colleague (or a channel relaybot is not in) the ephemeral confirmation fails: the modal
+    had closed and nothing more was said, success or failure."""
+    bot = await make_bot()
+    view = await open_form(bot, "secret set DEPLOY_TOKEN", channel="D0DIRECT01")
+    answer = await submit(slack, view, {(NAME_BLOCK, NAME_INPUT): "DEPLOY_TOKEN", (VALUE_BLOCK, VALUE_INPUT): "v-1"})
+    assert answer == {}
+    [note] = await slack.wait_for(lambda: slack.teams[TEAM].messages.get(ADMIN))
+    assert "DEPLOY_TOKEN" in note.text and "stored" in note.text and "v-1" not in note.text
 
 
 @pytest.mark.parametrize(("name", "value", "block", "problem"), [

@@ -67,6 +67,11 @@ def split_words(text: str) -> list[str]:
     try:
         return shlex.split(text.translate(_TYPOGRAPHIC_QUOTES))
     except ValueError as exc:
+        plain = text.split()
+        # A secret typed into the command may well hold a quote: it must be told it is exposed (by the
+        # subcommand, which refuses every extra word), not asked to fix the quotes and type it again.
+        if [word.lower() for word in plain[:2]] == ["secret", "set"] or plain[:1] == ["connect"]:
+            return plain
         raise UserError(messages.UNREADABLE_COMMAND.format(problem=exc)) from None
 
 
@@ -191,6 +196,7 @@ async def cmd_enable(services: Services, command: Command, words: list[str]) -> 
     keep their values, and `key=` (empty) drops one back to the workflow's default."""
     workflow = find_workflow(services, command, words, "enable")
     await require_admin(services, command, "enable workflows")
+    _require_a_channel(command, "enable")
     given = parse_pairs(command, "enable", workflow.name, words[1:])
     cleared = {key for key, value in given.items() if value == "" and key in workflow.model.params}
     changes = check_params(workflow, {key: value for key, value in given.items() if key not in cleared}, strict=True)
@@ -221,6 +227,12 @@ async def cmd_enable(services: Services, command: Command, words: list[str]) -> 
             continue
         lines.append(await _connection_reply(services, command, trigger, rotate=False))
     return "\n\n".join(lines)
+
+
+def _require_a_channel(command: Command, sub: str) -> None:
+    """Runs belong to channels: a direct message (`D…`) has no members relaybot can see to let approve."""
+    if command.channel_id.startswith("D"):
+        raise UserError(messages.NOT_IN_A_DM.format(command=command.name, sub=sub))
 
 
 async def _bot_in_channel(services: Services, command: Command) -> bool:
@@ -261,6 +273,7 @@ async def cmd_run(services: Services, command: Command, words: list[str]) -> str
         await require_admin(services, command, f"start `{workflow.name}` by hand")
     arguments = parse_pairs(command, "run", workflow.name, words[1:])
     event_data = check_params(workflow, arguments, strict=False)
+    _require_a_channel(command, "run")
     if not await _bot_in_channel(services, command):
         # The run would go ahead with nobody seeing its card, its approvals or its thread.
         raise UserError(messages.RUN_NOT_IN_CHANNEL.format(workflow=workflow.name))

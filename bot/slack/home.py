@@ -28,6 +28,7 @@ from bot.store.models import Run, Step, Subscription
 
 MAX_WAITING = 15
 MAX_LATEST = 10
+MAX_WAITING_LOOKED_AT = 1000
 MAX_ENABLED = 25
 
 
@@ -58,11 +59,12 @@ def last_runs_query(team_id: str, subscription_ids: list[int]) -> Select[Run]:
 
 def waiting_query(team_id: str) -> Select[Run, Step]:
     """The workspace's runs waiting for a decision, newest first (`ix_runs_state`, which holds only runs with
-    no `finished_at`)."""
+    no `finished_at`). Far more than the tab shows: the viewer's own are picked from them, and for a run whose
+    card could not be posted the tab is the only place to decide it (50 of other people's hid them)."""
     return (select(Run, Step).join(Step, Step.run_id == Run.id)
             .where(Run.finished_at.is_(None), Run.state == states.WAITING, Run.team_id == team_id,
                    Step.state.in_([states.STEP_WAITING, states.UNKNOWN]))
-            .order_by(Run.created_at.desc()).limit(50))
+            .order_by(Run.created_at.desc()).limit(MAX_WAITING_LOOKED_AT))
 
 
 def latest_query(team_id: str, channels: set[str]) -> Select[Run]:

@@ -278,6 +278,8 @@ RUN_STARTED = "Started run `{run_id}` of `{workflow}`; its card follows in this 
 RUN_NOT_IN_CHANNEL = ("I am not in this channel, so I could not post the run's card or its thread here: nothing "
                       "was started. Invite me with `/invite @relaybot`, or start `{workflow}` in a channel I am in.")
 RUN_BY_ADMINS = "Only admins can start `{workflow}` by hand."
+NOT_IN_A_DM = ("Workflows run in channels: their cards, approvals and threads are for the people in one, and "
+               "in a direct message I cannot tell who that is. Use `{command} {sub}` in a channel I am in.")
 NO_RUNS = "No runs in this channel yet."
 NO_RUNS_OF = "No runs of `{workflow}` here yet."
 NEED_RUN = "Which run? `{command} {sub} <run id>` — `{command} runs` lists them."

@@ -142,9 +142,10 @@ class People:
         return channels
 
     async def in_channel(self, team_id: str, user_id: str, channel_id: str, *, fresh: bool = False) -> bool:
-        """Is the user in the channel? A direct message (not a channel) is between the bot and its one person."""
+        """Is the user in the channel? Never in a direct message: relaybot cannot see who is in one (it was taken
+        for a conversation everyone is in, so a workflow enabled in a DM was open to the whole workspace)."""
         if channel_id[:1] not in ("C", "G"):
-            return True
+            return False
         return channel_id in await self.channels_of(team_id, user_id, fresh=fresh)
 
     def forget(self, team_id: str) -> None:

@@ -248,14 +248,21 @@ def _submitter(body: dict[str, Any]) -> tuple[str, Actor]:
 
 
 async def _tell(services: Services, team_id: str, channel: str | None, user_id: str, text: str) -> None:
-    """An ephemeral note where the command was typed. The modal is already closed, so a failure is only logged."""
-    if not channel:
-        log.warning("no channel to confirm a secret form to %s in workspace %s", user_id, team_id)
-        return
+    """An ephemeral note where the command was typed; where relaybot cannot post (a direct message, a channel it
+    is not in), a direct message from relaybot instead, so that the outcome is never silent. The modal is
+    already closed: only a failure of both is left to the log."""
+    if channel:
+        try:
+            await services.slack.call(team_id, "chat.postEphemeral", channel=channel, user=user_id, text=text)
+            return
+        except Exception as exc:
+            log.info("could not confirm a secret form to %s in %s (%s); sending a direct message", user_id,
+                     channel, type(exc).__name__)
     try:
-        await services.slack.call(team_id, "chat.postEphemeral", channel=channel, user=user_id, text=text)
+        await services.slack.call(team_id, "chat.postMessage", channel=user_id, text=text)
     except Exception as exc:
-        log.warning("could not confirm a secret form to %s in %s: %s", user_id, channel, type(exc).__name__)
+        log.warning("could not confirm a secret form to %s in workspace %s: %s", user_id, team_id,
+                    type(exc).__name__)
 
 
 class _Forms:
