@@ -151,8 +151,13 @@ class ChainBreak:
 
 
 def verify_chain(team_id: str, records: Iterable[dict[str, Any]], head: dict[str, Any] | None) -> ChainBreak | None:
-    """Walk one workspace's records in sequence order; the first that does not fit is named."""
+    """Walk one workspace's records in sequence order; the first that does not fit is named.
+
+    `head` is the workspace's chain head as read before the records: records appended since (the bot running)
+    continue the chain past it, so it must be one of the records, not the last one; a missing head, or one
+    past the last record, means records were taken away."""
     expected_seq, prev_hash = 1, GENESIS
+    hash_at_head: str | None = GENESIS if head is not None and head["seq"] == 0 else None
     for fields in records:
         if fields["seq"] != expected_seq:
             if fields["seq"] > expected_seq:
@@ -164,10 +169,20 @@ def verify_chain(team_id: str, records: Iterable[dict[str, Any]], head: dict[str
         if record_hash(fields) != fields["hash"]:
             return ChainBreak(team_id, fields["seq"], "its content does not match its hash (edited)")
         prev_hash = fields["hash"]
+        if head is not None and fields["seq"] == head["seq"]:
+            hash_at_head = fields["hash"]
         expected_seq += 1
-    if head is not None and (head["seq"] != expected_seq - 1 or head["hash"] != prev_hash):
-        return ChainBreak(team_id, expected_seq, f"the chain ends at {expected_seq - 1} but the head says "
+    last = expected_seq - 1
+    if head is None:
+        if last:
+            return ChainBreak(team_id, last, "the chain's head is missing (records, and the head with them, "
+                              "were removed from the end)")
+        return None
+    if head["seq"] > last:
+        return ChainBreak(team_id, expected_seq, f"the chain ends at {last} but the head says "
                           f"{head['seq']} (records were removed from the end)")
+    if hash_at_head != head["hash"]:
+        return ChainBreak(team_id, head["seq"], "does not match the chain's head (records were rewritten)")
     return None
 
 

@@ -74,11 +74,12 @@ async def post_checkpoints(db: Database, *, channel: str) -> int:
             .where(Workspace.uninstalled_at.is_(None)))).scalars())
         for head in heads:
             text = (f":lock: Audit checkpoint for workspace `{head.team_id}`: record #{head.seq}, "
-                    f"hash `{head.hash}` ({audit.rfc3339(now)}). `relaybot audit verify` checks the log against it.")
+                    f"hash `{head.hash}` ({audit.rfc3339(now)}). `relaybot audit export --team {head.team_id}` "
+                    f"shows the same hash at #{head.seq} for as long as the log has not been rewritten.")
             journal.enqueue(session, team_id=head.team_id, channel_id=channel, kind=journal.POST,
                             payload={"text": text}, now=now)
             await audit.append(session, team_id=head.team_id, actor=Actor.system(), action="audit.checkpoint",
-                               outcome="posted", details={"channel": channel, "seq": head.seq, "hash": head.hash},
+                               outcome="queued", details={"channel": channel, "seq": head.seq, "hash": head.hash},
                                at=now)
     return len(heads)
 

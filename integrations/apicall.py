@@ -54,8 +54,9 @@ async def call_api(ctx: ActionContext, *, service: str, method: str, url: str, p
     """A request that must succeed: a 4xx/5xx answer is an ActionFailed naming the service and the call."""
     response = await send(ctx, method, url, headers=headers, json_body=json_body)
     if response.status >= 400:
-        raise ActionFailed(f"{service} answered {response.status} to {method} {path}: {error_detail(response)}",
-                           retryable=response.status in RETRYABLE_STATUSES)
+        detail = error_detail(response)
+        raise ActionFailed(f"{service} answered {response.status} to {method} {path}: {detail}",
+                           retryable=response.status in RETRYABLE_STATUSES or _rate_limited(response, detail))
     return response
 
 
@@ -79,3 +80,11 @@ def output_from(model: type[OutputT], values: dict[str, Any], *, service: str, p
         where = ".".join(str(part) for part in error["loc"])
         raise ActionFailed(f"{service} answered {path} without a usable {where}: {error['msg']}",
                            retryable=False) from None
+
+
+def _rate_limited(response: HttpResponse, detail: str) -> bool:
+    """A 403 that is a rate limit (GitHub answers its primary and secondary limits so): worth a retry, later."""
+    if response.status != 403:
+        return False
+    return (response.headers.get("x-ratelimit-remaining") == "0" or "retry-after" in response.headers
+            or "rate limit" in detail.lower())

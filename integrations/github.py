@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -192,8 +193,13 @@ class CommitStatus(Action[CommitStatusInput, CommitStatusOutput]):
 
 
 def _input_text(value: Any) -> str:
-    """Workflow inputs as the Actions UI sends them: text, with booleans as `true`/`false`."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """Workflow inputs as the Actions UI sends them: text, with booleans as `true`/`false`; lists and objects as
+    JSON (what `fromJSON()` reads in the workflow), not as Python writes them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return str(value)
 
 
 class DispatchInput(RepoInput):
@@ -201,7 +207,8 @@ class DispatchInput(RepoInput):
 
     _workflow_segment = field_validator("workflow")(path_segments)
     ref: str = "main"
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = Field(default={}, description="the workflow's inputs: text as it is, `true`/`false`, "
+                                   "lists and maps as JSON; a null one is left out (its default applies)")
 
 
 class DispatchOutput(ActionOutput):
@@ -216,7 +223,9 @@ class DispatchWorkflow(Action[DispatchInput, DispatchOutput]):
 
     async def run(self, inputs: DispatchInput, ctx: ActionContext) -> DispatchOutput:
         await _call(ctx, "POST", f"/repos/{inputs.repo}/actions/workflows/{inputs.workflow}/dispatches",
-                    inputs.token, {"ref": inputs.ref, "inputs": {k: _input_text(v) for k, v in inputs.inputs.items()}})
+                    inputs.token, {"ref": inputs.ref, "inputs": {k: _input_text(v) for k, v in inputs.inputs.items()
+                                                                 # null: left out, so the input's default applies
+                                                                 if v is not None}})
         return DispatchOutput(dispatched=True)
 
 

@@ -72,12 +72,18 @@ class Webhook(Integration):
     title: ClassVar[str] = "Any JSON webhook"
 
     def verify(self, *, secret: str, request: IncomingWebhook, now: float) -> bool:
+        """Any one valid scheme of those the request carries: a relay that forwards the original sender's
+        signature header and adds relaybot's bearer token is the sender relaybot knows (every scheme present is
+        checked, whichever matched)."""
+        valid = False
         if request.header("webhook-signature") is not None:
-            return verify_standard_webhooks(secret=secret, request=request, now=now)
+            valid |= verify_standard_webhooks(secret=secret, request=request, now=now)
         if request.header("X-Hub-Signature-256") is not None:
-            return verify_hub_signature(secret=secret, body=request.body,
-                                        header=request.header("X-Hub-Signature-256"))
-        return verify_bearer(secret=secret, header=request.header("Authorization"))
+            valid |= verify_hub_signature(secret=secret, body=request.body,
+                                          header=request.header("X-Hub-Signature-256"))
+        if request.header("Authorization") is not None:
+            valid |= verify_bearer(secret=secret, header=request.header("Authorization"))
+        return valid
 
     def parse(self, request: IncomingWebhook) -> ParsedEvent:
         payload = parse_json_body(request)

@@ -95,6 +95,16 @@ async def test_verify_passes_then_finds_every_kind_of_tampering(make_bot, workfl
     assert inserted.returncode == 1 and "record 6:" in inserted.stdout
     truncated = tampered("truncated", f"DELETE FROM audit_records WHERE seq = {total}")
     assert truncated.returncode == 1 and "records were removed from the end" in truncated.stdout
+    beheaded = tampered("beheaded", f"DELETE FROM audit_records WHERE seq = {total}", "DELETE FROM audit_heads")
+    assert beheaded.returncode == 1 and "the chain's head is missing" in beheaded.stdout
+    # The bot appending while verify reads: the head it read first is two records behind the records it reads
+    # after. Verify once called that "records were removed from the end".
+    behind = "UPDATE audit_heads SET seq = seq - 2, hash = (SELECT hash FROM audit_records r " \
+             "WHERE r.team_id = audit_heads.team_id AND r.seq = audit_heads.seq - 2)"
+    live = tampered("live", behind)
+    assert live.returncode == 0 and f"{TEAM}: {total} records, chain intact, head #{total}" in live.stdout, live.stdout
+    rewritten = tampered("rewritten", behind, "UPDATE audit_heads SET hash = '" + "0" * 64 + "'")
+    assert rewritten.returncode == 1 and "does not match the chain's head" in rewritten.stdout
 
 
 async def test_export_lists_who_approved_what_and_when_and_matches_the_thread(make_bot, workflows, target,

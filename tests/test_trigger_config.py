@@ -164,6 +164,10 @@ def test_plan_fires_the_latest_missed_time_within_grace_only():
     too_late = schedule.plan(daily, due=utc(2026, 1, 1, 9, 0), now=utc(2026, 1, 1, 9, 16), grace=grace)
     assert too_late.fire_for is None and too_late.missed_from == utc(2026, 1, 1, 9, 0)
     assert too_late.next_at == utc(2026, 1, 2, 9, 0)
+    # A retry after an unexpected failure is due at a time of its own (a minute's backoff, not a cron time): it
+    # fires the cron time it retries, under that time's delivery id, never a made-up 09:01:00.5.
+    retry = schedule.plan(daily, due=utc(2026, 1, 1, 9, 1, 0, 500000), now=utc(2026, 1, 1, 9, 1, 1), grace=grace)
+    assert retry == schedule.Plan(fire_for=utc(2026, 1, 1, 9, 0), missed_from=None, next_at=utc(2026, 1, 2, 9, 0))
 
 
 def test_first_due_counts_from_the_enable_only_when_it_was_moments_ago():

@@ -376,3 +376,22 @@ def test_a_top_level_problem_does_not_hide_the_rest_of_the_file():
     assert [problem[:len(start)] for problem, start in zip(found, expected, strict=False)] == expected, found
     assert len(found) == len(expected), found
     assert not any("params.env`" in problem for problem in found)  # the parameter that failed is still one
+
+
+def test_yaml_values_without_a_json_form_are_text_or_refused():
+    """YAML makes `2024-01-01` a date and `.nan` a float NaN: a date default could not be written to the audit
+    chain (every event of the workflow was set aside) and a NaN one was hashed as NaN but stored as null, which
+    `audit verify` then called an edited record."""
+    workflow = compile_workflow("name: x\non: webhook\nparams:\n  since: {default: 2024-01-01}\n"
+                                "  at: {default: 2024-01-01T10:00:00Z}\nsteps: []\n", file="x.yml")
+    assert workflow.model.params["since"].default == "2024-01-01"
+    assert workflow.model.params["at"].default == "2024-01-01T10:00:00Z"
+    for value in (".nan", "-.inf"):
+        message = problems(f"""
+            name: x
+            on: webhook
+            params:
+              ratio: {{default: {value}}}
+            steps: []
+            """)
+        assert any("line 4" in line and "not a number JSON can hold" in line for line in message), message

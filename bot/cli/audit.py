@@ -54,6 +54,7 @@ async def verify(settings: Settings, *, team: str | None, out: TextIO) -> int:
 
     db = Database(settings.database_url)
     try:
+        # The heads first, then the records: what the bot appends meanwhile only continues the chains.
         async with db.read() as session:
             heads = {head.team_id: {"seq": head.seq, "hash": head.hash}
                      for head in (await session.execute(select(AuditHead))).scalars()}
@@ -68,8 +69,8 @@ async def verify(settings: Settings, *, team: str | None, out: TextIO) -> int:
                            async for record in audit.iter_records(session, team_id=team_id)]
             problem = audit.verify_chain(team_id, records, heads.get(team_id))
             if problem is None:
-                head = heads.get(team_id, {"seq": len(records), "hash": audit.GENESIS})
-                print(f"{team_id}: {len(records)} records, chain intact, head #{head['seq']} {head['hash']}", file=out)
+                last = records[-1] if records else {"seq": 0, "hash": audit.GENESIS}
+                print(f"{team_id}: {len(records)} records, chain intact, head #{last['seq']} {last['hash']}", file=out)
             else:
                 failures += 1
                 print(f"{problem}", file=out)

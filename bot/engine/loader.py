@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,9 +78,24 @@ def _read_yaml(text: str) -> tuple[Any, _LineMap]:
             return result
         if isinstance(current, yaml.SequenceNode):
             return [walk(item, (*path, index)) for index, item in enumerate(current.value)]
-        return constructor.construct_object(current, deep=True)
+        value = constructor.construct_object(current, deep=True)
+        return _json_scalar(value, current)
 
     return walk(node, ()), lines
+
+
+def _json_scalar(value: Any, node: yaml.Node) -> Any:
+    """A YAML scalar as the JSON value everything downstream expects (events, parameters, the audit chain):
+    a date stays the text it was written as (YAML would make it a date object, which JSON has no form for);
+    `.nan`, `.inf` and binary have no JSON form at all."""
+    if isinstance(value, date):  # datetime too
+        return str(node.value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise yaml.YAMLError(f"line {node.start_mark.line + 1}: {node.value} is not a number JSON can hold; "
+                             "quote it if it is meant as text")
+    if isinstance(value, bytes):
+        raise yaml.YAMLError(f"line {node.start_mark.line + 1}: binary values are not supported; use text")
+    return value
 
 
 @dataclass

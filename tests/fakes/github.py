@@ -26,15 +26,17 @@ class FakeGitHub:
         self.issues: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self.dispatches: list[dict[str, Any]] = []
-        self.fail_next: list[int] = []
+        # A status (answered "Server Error"), or (status, message, headers) as GitHub answers a rate limit.
+        self.fail_next: list[int | tuple[int, str, dict[str, str]]] = []
         self._ids = itertools.count(1000)
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     def _check(self, request: web.Request) -> web.Response | None:
         if self.fail_next:
-            status = self.fail_next.pop(0)
-            return web.json_response({"message": "Server Error"}, status=status)
+            failure = self.fail_next.pop(0)
+            status, message, headers = failure if isinstance(failure, tuple) else (failure, "Server Error", {})
+            return web.json_response({"message": message}, status=status, headers=headers)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response({"message": "Bad credentials"}, status=401)
         return None

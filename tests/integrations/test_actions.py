@@ -72,11 +72,14 @@ async def test_github_commit_status(http, github_api):
 async def test_github_dispatch_workflow(http, github_api):
     ctx = action_context(http, github=github_api.url)
     output = await run(DispatchWorkflow(), {"repo": "acme/api", "workflow": "deploy.yml", "ref": "main",
-                                            "inputs": {"env": "production", "dry_run": False, "replicas": 3},
+                                            "inputs": {"env": "production", "dry_run": False, "replicas": 3,
+                                                       "labels": [{"name": "bug", "default": True}], "body": None},
                                             "token": GITHUB_TOKEN}, ctx)
     [call] = github_api.calls
     assert (call.method, call.path) == ("POST", "/repos/acme/api/actions/workflows/deploy.yml/dispatches")
-    assert call.body == {"ref": "main", "inputs": {"env": "production", "dry_run": "false", "replicas": "3"}}
+    # A list as JSON (it was Python's repr, which fromJSON() cannot read), and a null left out (it was "None").
+    assert call.body == {"ref": "main", "inputs": {"env": "production", "dry_run": "false", "replicas": "3",
+                                                   "labels": '[{"name":"bug","default":true}]'}}
     github_headers_ok(call.headers)
     assert output.dispatched is True and github_api.dispatches[0]["workflow"] == "deploy.yml"
 
@@ -97,6 +100,16 @@ async def test_github_errors_name_the_call_and_say_whether_to_retry(http, github
     with pytest.raises(ActionFailed) as broken:
         await run(GitHubComment(), {**inputs, "token": GITHUB_TOKEN}, ctx)
     assert "GitHub answered 502" in broken.value.message and broken.value.retryable is True
+    # GitHub says "rate limit" with a 403 (primary and secondary limits): to be retried, not a refusal.
+    github_api.fail_next += [(403, "API rate limit exceeded for installation ID 1.", {"x-ratelimit-remaining": "0"}),
+                             (403, "You have exceeded a secondary rate limit.", {"retry-after": "60"}),
+                             (403, "Resource not accessible by integration", {})]
+    outcomes = []
+    for _ in range(3):
+        with pytest.raises(ActionFailed) as limited:
+            await run(GitHubComment(), {**inputs, "token": GITHUB_TOKEN}, ctx)
+        outcomes.append(limited.value.retryable)
+    assert outcomes == [True, True, False]
 
 
 # ------------------------------------------------------------------------------------------------ GitLab
@@ -257,7 +270,7 @@ async def test_alertmanager_silence_with_extra_matchers_and_proxy_auth(http):
 def test_alertmanager_silence_inputs_refuse_what_would_silence_everything():
     with pytest.raises(ValidationError, match="give labels or matchers"):
         Silence.Input.model_validate({"url": "http://am:9093", "duration": "1h"})
-    for duration in ("0s", "soon", "1h 30", ""):
+    for duration in ("0s", "soon", "1h 30", "", "99999999999999d", 1e300):  # the last two overflowed timedelta
         with pytest.raises(ValidationError):
             Silence.Input.model_validate({"url": "http://am:9093", "labels": LABELS, "duration": duration})
     assert Silence.Input.model_validate({"url": "http://am:9093", "labels": LABELS, "duration": 90}

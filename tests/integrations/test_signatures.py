@@ -152,3 +152,19 @@ def test_alertmanager_rejects_malformed_basic_auth():
     for header in ("Basic", "Basic !!!not-base64", "Basic " + base64.b64encode(b"no-colon").decode(),
                    "Basic " + base64.b64encode(b"\xff\xfe:x").decode(), "Token abc"):
         assert not Alertmanager().verify(secret="s3cret", request=incoming(body, {"Authorization": header}), now=NOW)
+
+
+def test_generic_webhook_takes_any_one_valid_scheme_of_those_it_carries():
+    """A relay forwarding GitHub's own signature (made with GitHub's secret) and adding relaybot's bearer token
+    was refused: the signature header present was the only scheme tried."""
+    from integrations.webhook import Webhook
+
+    body, secret = b'{"summary": "relayed"}', "whsec-generic-1"
+    forwarded = {"X-Hub-Signature-256": "sha256=" + "0" * 64, "webhook-signature": "v1,AAAA", "webhook-id": "m1",
+                 "webhook-timestamp": "1700000000"}
+    assert Webhook().verify(secret=secret, request=incoming(body, {**forwarded, "Authorization": f"Bearer {secret}"}),
+                            now=1700000000)
+    assert not Webhook().verify(secret=secret, request=incoming(body, {**forwarded, "Authorization": "Bearer nope"}),
+                                now=1700000000)
+    assert not Webhook().verify(secret=secret, request=incoming(body, forwarded), now=1700000000)
+    assert not Webhook().verify(secret=secret, request=incoming(body, {}), now=1700000000)

@@ -52,8 +52,10 @@ class Plan:
 
 def plan(config: ScheduleTrigger, *, due: datetime, now: datetime, grace: timedelta) -> Plan:
     """`due` (≤ now) has come. Only the newest due time up to now may fire, and only within `grace` of it:
-    after downtime, one run for the latest missed time rather than a burst of stale ones."""
-    latest = max(latest_due(config, now), due)
+    after downtime, one run for the latest missed time rather than a burst of stale ones. Only cron times fire:
+    a `due` of a retry after a failure (a backoff's time) fires the cron time before it, under its delivery id,
+    so an event that was stored before the failure is not stored again."""
+    latest = latest_due(config, now)
     fire_for = latest if now - latest <= grace else None
     missed_from = due if due < latest or fire_for is None else None
     return Plan(fire_for=fire_for, missed_from=missed_from, next_at=next_due(config, now))
