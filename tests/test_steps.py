@@ -389,3 +389,21 @@ async def test_an_error_answer_no_database_can_store_still_ends_the_step(make_bo
     thread = await bot.wait_thread(card, "Run failed", timeout=15)
     assert any("answered 400" in line and "label" in line and "here" in line for line in thread), thread
     assert len(target.requests_to("/api/v2/silences")) == 1
+
+
+async def test_a_waiting_run_of_a_workflow_named_by_its_file_goes_on_after_the_file_is_edited(make_bot, workflows,
+                                                                                             target):
+    """A workflow without `name:` is named after its file; once the file was edited, a run that waited on the old
+    text had that text compiled without the file's name, which failed ('name' is required) at every pass and at
+    every click."""
+    text = "\n".join(line for line in approval_gate(target).splitlines() if "name: gate" not in line)
+    bot, fire = await start(make_bot, workflows, "gate", text)
+    await fire({})
+    card = await bot.wait_card(lambda m: "approve" in buttons(m))
+    await bot.stop()
+    path = workflows / "gate.yml"
+    path.write_text(path.read_text() + "# edited after the run started\n")
+    again = await make_bot()  # the same database, the edited file
+    assert await again.click(card, "approve") is None
+    await again.wait_thread(card, "Run succeeded")
+    assert len(target.requests_to("/deploy")) == 1

@@ -558,14 +558,17 @@ class Catalog:
     def get(self, name: str) -> CompiledWorkflow | None:
         return self.by_name.get(name)
 
-    def version(self, content_hash_: str, *, source: str | None = None, path: str = "") -> CompiledWorkflow:
-        """The workflow as it was when a run started (from the catalog, or compiled from its stored text)."""
+    def version(self, content_hash_: str, *, source: str | None = None, path: str = "",
+                name: str | None = None) -> CompiledWorkflow:
+        """The workflow as it was when a run started (from the catalog, or compiled from its stored text, whose
+        `name:` may have come from its file's name: `name` is the one it was stored under)."""
         found = self._by_hash.get(content_hash_)
         if found is not None:
             return found
         if source is None:
             raise KeyError(content_hash_)
-        compiled = compile_workflow(source, file=path or content_hash_[:12])
+        compiled = compile_workflow(source, file=path or content_hash_[:12],
+                                    default_name=name or (Path(path).stem if path else None))
         self._by_hash[content_hash_] = compiled
         return compiled
 

@@ -135,7 +135,8 @@ class Runner:
             version = await session.get(WorkflowVersion, run.workflow_hash)
             if version is None:
                 raise
-            return self.catalog.version(run.workflow_hash, source=version.source, path=version.path)
+            return self.catalog.version(run.workflow_hash, source=version.source, path=version.path,
+                                        name=version.name)
 
     async def _load(self, session: AsyncSession, run_id: str) -> tuple[Run, Event, list[Step]] | None:
         """The run, if this worker still holds its lease; the lease is extended for this transaction's work.

@@ -34,7 +34,8 @@ async def workflow_of(services: Services, run: Run) -> CompiledWorkflow:
             version = await session.get(WorkflowVersion, run.workflow_hash)
         if version is None:
             raise
-        return services.catalog.version(run.workflow_hash, source=version.source, path=version.path)
+        return services.catalog.version(run.workflow_hash, source=version.source, path=version.path,
+                                        name=version.name)
 
 
 def _user_name(body: dict[str, Any]) -> str | None:
