@@ -395,3 +395,21 @@ def test_yaml_values_without_a_json_form_are_text_or_refused():
             steps: []
             """)
         assert any("line 4" in line and "not a number JSON can hold" in line for line in message), message
+
+
+def test_a_key_given_twice_is_refused_with_both_lines():
+    """The last of two `approval:` keys won, silently: a gated deploy became an automatic one."""
+    message = problems("""
+        name: x
+        on: webhook
+        steps:
+          - id: deploy
+            approval: required
+            uses: http.request
+            with: {url: "https://deploy.example.com", method: POST}
+            approval: none
+        """)
+    assert any("line 8" in line and "`approval` is given twice (first at line 5)" in line for line in message), message
+    merged = compile_workflow("name: x\non: webhook\nsteps:\n  - &base {id: a, uses: http.request, with: {url: "
+                              "'https://a.example'}}\n  - <<: *base\n    id: b\n", file="x.yml")
+    assert [step.id for step in merged.steps] == ["a", "b"]  # a merged-in key may still be overridden

@@ -67,6 +67,16 @@ def _read_yaml(text: str) -> tuple[Any, _LineMap]:
             raise yaml.YAMLError(f"more than {MAX_NODES} values: is an alias expanding without end?")
         lines.setdefault(path, current.start_mark.line + 1)
         if isinstance(current, yaml.MappingNode):
+            # A key given twice is an error, not "the last one wins": a repeated `approval:` or `if:` would
+            # silently replace the first (keys merged in with `<<:` may still be overridden, as YAML means).
+            first_line: dict[str, int] = {}
+            for key_node, _ in current.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    line = key_node.start_mark.line + 1
+                    if str(key_node.value) in first_line:
+                        raise yaml.YAMLError(f"line {line}: `{key_node.value}` is given twice (first at line "
+                                             f"{first_line[str(key_node.value)]})")
+                    first_line[str(key_node.value)] = line
             constructor.flatten_mapping(current)
             result: dict[str, Any] = {}
             for key_node, value_node in current.value:
