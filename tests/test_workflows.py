@@ -413,3 +413,31 @@ def test_a_key_given_twice_is_refused_with_both_lines():
     merged = compile_workflow("name: x\non: webhook\nsteps:\n  - &base {id: a, uses: http.request, with: {url: "
                               "'https://a.example'}}\n  - <<: *base\n    id: b\n", file="x.yml")
     assert [step.id for step in merged.steps] == ["a", "b"]  # a merged-in key may still be overridden
+
+
+def test_a_hash_inside_a_block_value_is_text_not_a_comment():
+    """`Incident #${{ event.n }}` in a `|` block was refused as a comment cutting off a template, and the whole
+    catalog with it; in a plain value it still is one."""
+    workflow = compile_workflow(textwrap.dedent("""
+        name: x
+        on: webhook
+        card:
+          title: >
+            Incident #${{ event.n }}
+        steps:
+          - id: s
+            uses: slack.post
+            with:
+              text: |
+                Incident #${{ event.n }} opened
+                by ${{ event.who }} #${{ event.m }}
+        """).lstrip(), file="x.yml")
+    assert workflow.steps[0].id == "s"
+    message = problems("""
+        name: x
+        on: webhook
+        card:
+          title: Incident #${{ event.n }}
+        steps: []
+        """)
+    assert any(":4:" in line and "starts a YAML comment" in line for line in message), message

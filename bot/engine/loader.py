@@ -342,13 +342,34 @@ def _trigger_expressions(config: BaseModel) -> list[Expression]:
     return found
 
 
+def _block_scalar_lines(text: str) -> set[int]:
+    """The lines inside `|` and `>` block values, where `#` is text, not a comment."""
+    inside: set[int] = set()
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    pending: list[yaml.Node] = [root] if root is not None else []
+    while pending:
+        node = pending.pop()
+        if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">"):
+            inside.update(range(node.start_mark.line + 2, node.end_mark.line + 2))
+        elif isinstance(node, yaml.MappingNode):
+            pending.extend(item for pair in node.value for item in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(node.value)
+    return inside
+
+
 def _comments_cutting_templates(text: str) -> list[int]:
     """Lines where an unquoted ` #` (a YAML comment) swallows a `${{ }}`: `title: Incident #${{ event.n }}`."""
     found = []
+    in_blocks: set[int] | None = None
     for number, line in enumerate(text.splitlines(), 1):
         index = line.find(" #")
         if index < 0 or line.lstrip().startswith("#") or "${{" not in line[index:]:
             continue
+        if in_blocks is None:
+            in_blocks = _block_scalar_lines(text)
+        if number in in_blocks:
+            continue  # a line of a `|` or `>` value: ` #` is part of the text
         before = line[:index]
         if before.count('"') % 2 or before.count("'") % 2:
             continue  # the ` #` is inside a quoted value
