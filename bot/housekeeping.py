@@ -220,7 +220,12 @@ class Housekeeping:
 
     async def _loop(self) -> None:
         while True:
-            await self.run_due()
+            try:
+                await self.run_due()
+            except Exception:
+                # A database that is away for a moment (a restart, a lock) must not end retention and the
+                # checkpoints for the rest of the process's life: the jobs are claimed again next round.
+                log.exception("periodic jobs could not be claimed or released; trying again in %gs", self.interval)
             await asyncio.sleep(self.interval)
 
     async def start(self) -> None:

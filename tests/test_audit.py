@@ -296,3 +296,40 @@ def test_canonical_encoding_is_stable(name):
     assert audit.canonical(fields) == audit.canonical(dict(reversed(list(fields.items()))))
     assert audit.record_hash(fields) == audit.record_hash(json.loads(json.dumps(fields)))
     assert Path  # the module's imports are all used
+
+
+async def test_housekeeping_goes_on_after_the_database_failed_it_once(make_bot, monkeypatch):
+    """One error claiming a job (a database restart, a lock) ended the housekeeping task: retention and the
+    audit checkpoints stopped, silently, until the process restarted."""
+    import asyncio
+
+    import bot.housekeeping as housekeeping
+
+    bot = await make_bot()
+    keeping = Housekeeping(db=bot.services.db, owner="test", audit_channel=None, retention=timedelta(days=90),
+                           on_posted=lambda: None, interval=0.05)
+    ran: list[bool] = []
+
+    async def work() -> bool:
+        ran.append(True)
+        return True
+
+    keeping.jobs = [housekeeping.Job("probe", timedelta(0), work)]
+    real_claim, calls = housekeeping.claim, []
+
+    async def claim_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the database went away for a moment")
+        return await real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(housekeeping, "claim", claim_failing_once)
+    await keeping.start()
+    try:
+        for _ in range(100):
+            if ran:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await keeping.stop()
+    assert ran and len(calls) >= 2
