@@ -58,8 +58,11 @@ def default_key_file(settings: Settings) -> Path:
     return Path("relaybot.key")
 
 
-def process_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+def process_owner(hostname: str | None = None) -> str:
+    """Who holds a lease, as stored (64 characters at most): a long host name (a cloud instance's, a pod's) is
+    cut, and the pid and a random part keep two processes apart."""
+    host = (hostname if hostname is not None else socket.gethostname())[:40]
+    return f"{host}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
 def build_services(settings: Settings, *, catalog: Catalog | None = None, log_masker: LogMasker | None = None,

@@ -192,3 +192,27 @@ async def test_connections_the_database_closed_are_replaced_before_anything_noti
     assert sorted(r.path for r in target.received if r.path.startswith("/work/")) == [f"/work/{n}" for n in range(6)]
     failures = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert failures == []
+
+
+@BOTH_DATABASES
+async def test_a_process_on_a_host_with_a_long_name_still_takes_work(make_bot, workflows, target, monkeypatch):
+    """The lease owner was `host:pid:random` whole; a cloud instance's or a pod's host name made it longer than
+    its column, PostgreSQL refused every claim, and webhooks were accepted but never became runs."""
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "i-0123456789abcdef0.ap-southeast-1.compute.internal-pod-7f9c")
+    write_workflow(workflows, "hook", f"""
+        name: hook
+        on: webhook
+        steps:
+          - id: call
+            uses: http.request
+            with: {{url: "{target.url}/called"}}
+        """)
+    bot = await make_bot()
+    url, secret = connection_from(await bot.command("enable hook"), "webhook")
+    status, _ = await bot.post(url, b'{"summary": "from a long-named host"}', {"Authorization": f"Bearer {secret}"})
+    assert status == 202
+    card = await bot.wait_card()
+    await bot.wait_thread(card, "Run succeeded")
+    assert len(target.requests_to("/called")) == 1
