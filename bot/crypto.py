@@ -134,11 +134,16 @@ def load_master_keys(*, keys: list[str], key_file: Path | None, default_file: Pa
             log.warning("No master key configured: generated one into %s (mode 0600). Back it up; without it "
                         "the stored secrets cannot be read. Set %s or %s in production.", path, ENV_KEYS,
                         ENV_KEY_FILE)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("The master key file %s can be read by other users (mode %o); chmod 600 it.", path,
-                    stat.S_IMODE(mode))
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    try:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("The master key file %s can be read by other users (mode %o); chmod 600 it.", path,
+                        stat.S_IMODE(mode))
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # not readable by this user, a directory, not text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{source}: cannot read {path}: {reason}") from None
+    lines = [line.strip() for line in text.splitlines()]
     texts = [line for line in lines if line and not line.startswith("#")]
     if not texts:
         raise ConfigError(f"{source}: {path} holds no key")

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("master_key_file", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: Any) -> Any:
+        """`RELAYBOT_MASTER_KEY_FILE=` left empty in an env file means unset (it was the current directory)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("max_body", "http_max_response", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:

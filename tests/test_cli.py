@@ -115,3 +115,20 @@ def test_events_retry_says_what_it_needs(tmp_path):
     assert "name the events (EVENT_ID …) or --all; `relaybot events list` shows them" in result.stderr
     result = relaybot("events", "retry", "7", "--all", **database)
     assert result.returncode == 2 and "or --all; not both" in result.stderr
+
+
+def test_a_bad_port_option_or_an_unreadable_key_file_stops_serve_with_one_line(tmp_path):
+    """`--port 70000` skipped the port check (the bot started, then died in bind with a traceback), and a master
+    key file that is a directory (or was given as an empty RELAYBOT_MASTER_KEY_FILE=) raised a traceback."""
+    base = {"SLACK_SIGNING_SECRET": "s", "SLACK_BOT_TOKEN": "xoxb-1", "RELAYBOT_WORKFLOWS_DIR": str(tmp_path),
+            "RELAYBOT_DATABASE_URL": f"sqlite:///{tmp_path}/r.db"}
+    port = relaybot("serve", "--port", "70000", **base, RELAYBOT_MASTER_KEYS=MASTER_KEY)
+    assert port.returncode == 2 and "Traceback" not in port.stderr, port.stderr
+    assert port.stderr.strip().splitlines()[-1] == \
+        "relaybot: configuration error: --port: 70000 is not a port (0-65535)"
+    (tmp_path / "keys").mkdir()
+    directory = relaybot("serve", "--port", "0", **base, RELAYBOT_MASTER_KEY_FILE=str(tmp_path / "keys"))
+    assert directory.returncode == 2 and "Traceback" not in directory.stderr, directory.stderr
+    assert f"RELAYBOT_MASTER_KEY_FILE: cannot read {tmp_path / 'keys'}: Is a directory" in directory.stderr
+    empty = relaybot("serve", "--port", "70000", **base, RELAYBOT_MASTER_KEY_FILE="")
+    assert "RELAYBOT_MASTER_KEY_FILE" not in empty.stderr and "--port: 70000" in empty.stderr, empty.stderr

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     workers = worker_count(args, settings)
     settings.require_for_serve(socket_mode=args.socket_mode)
     if args.port is not None:
+        if not 0 <= args.port <= 65535:  # model_copy does not validate: the field's own check never ran
+            raise ConfigError(f"--port: {args.port} is not a port (0-65535)")
         settings = settings.model_copy(update={"port": args.port})
     if workers > 1:
         return supervise(settings, workers=workers)
