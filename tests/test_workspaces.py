@@ -415,3 +415,13 @@ async def test_one_workspaces_failure_in_a_channel_does_not_fail_anothers_messag
     async with bot.services.db.read() as session:
         states = dict((await session.execute(select(OutboxMessage.team_id, OutboxMessage.state))).all())
     assert states == {"T0GONE0001": "failed", TEAM: "sent"}
+
+
+async def test_socket_mode_with_a_token_slack_refuses_stops_at_start(make_bot, slack):
+    """The SDK's socket client retried a refused app token for good, logging a traceback every 10 s, and the HTTP
+    port (webhooks, /healthz) was never bound: start-up now stops with one line naming the variable."""
+    from bot.errors import ConfigError
+
+    slack.socket_mode = True
+    with pytest.raises(ConfigError, match=r"SLACK_APP_TOKEN: Slack refused it \(invalid_auth\)"):
+        await make_bot(socket_mode=True, slack_app_token="xapp-1-not-the-right-one", slack_signing_secret=None)
