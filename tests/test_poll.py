@@ -316,3 +316,21 @@ async def test_the_poll_new_releases_example(make_bot, target, github_api, clock
     polled = target.requests_to(path)[-1]
     assert polled.headers["Authorization"] == f"Bearer {github_api.token}" and polled.query == {"per_page": "20"}
     assert len(bot.cards()) == 1  # neither the pre-release nor the draft
+
+
+async def test_enabling_again_with_other_parameters_takes_a_new_baseline(make_bot, workflows, target, clock):
+    """`/relay enable releases repo=…` again changes the request the poll makes; its baseline was kept, so every
+    item of the new repository was taken for new and started a run."""
+    other = "/repos/acme/web/releases"
+    target.queue(PATH, releases(1, 2))
+    target.queue(other, releases(7, 8, 9), releases(10, 7, 8, 9))
+    bot = await start(make_bot, workflows, target)
+    await poll_now(clock, target, bot)
+    assert "now with `repo=acme/web`" in await bot.command("enable releases repo=acme/web")
+    await bot.services.triggers.sync(clock.now())
+    await poll_now(clock, target, bot, minutes=1)
+    assert target.requests_to(other) and bot.cards() == [], "the new repository's releases were taken for new"
+    await poll_now(clock, target, bot, minutes=1)
+    await bot.wait_card(lambda card: "Release v10" in block_texts(card))
+    await bot.settle()
+    assert len(bot.cards()) == 1

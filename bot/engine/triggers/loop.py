@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +37,19 @@ log = logging.getLogger(__name__)
 TRIGGERS = ("poll", "schedule")
 
 
+def state_fingerprint(config: PollTrigger | ScheduleTrigger, workflow: CompiledWorkflow,
+                      subscription_params: dict[str, Any]) -> str:
+    """What a trigger's state was made for. A poll's request may use the subscription's parameters, so the
+    parameters it runs with are part of it: `/relay enable` again with another `upstream=` is another request,
+    and takes a new baseline (it replayed every item of the new target as new). A workflow without parameters
+    keeps the plain fingerprint, as before."""
+    if isinstance(config, ScheduleTrigger) or not workflow.model.params:
+        return config.fingerprint()
+    params = {name: spec.default for name, spec in workflow.model.params.items()} | subscription_params
+    text = json.dumps([config.fingerprint(), params], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Wanted:
     """A trigger state that the catalog and the subscriptions call for."""
@@ -42,10 +57,7 @@ class Wanted:
     team_id: str
     subscribed_at: datetime
     config: PollTrigger | ScheduleTrigger
-
-    @property
-    def fingerprint(self) -> str:
-        return self.config.fingerprint()
+    fingerprint: str
 
 
 class TriggerLoop(WorkLoop):
@@ -110,11 +122,14 @@ class TriggerLoop(WorkLoop):
         configs = self._configs()
         async with self.db.read() as session:
             subscriptions = (await session.execute(
-                select(Subscription.id, Subscription.team_id, Subscription.workflow, Subscription.created_at)
+                select(Subscription.id, Subscription.team_id, Subscription.workflow, Subscription.created_at,
+                       Subscription.params)
                 .where(Subscription.workflow.in_(list(configs))))).all() if configs else []
             existing = {(row.subscription_id, row.trigger): row.config_hash for row in (await session.execute(
                 select(TriggerState.subscription_id, TriggerState.trigger, TriggerState.config_hash))).all()}
-        wanted = {(row.id, trigger): Wanted(row.team_id, row.created_at, config)
+        workflows = {workflow.name: workflow for workflow in self.catalog}
+        wanted = {(row.id, trigger): Wanted(row.team_id, row.created_at, config,
+                                            state_fingerprint(config, workflows[row.workflow], row.params or {}))
                   for row in subscriptions for trigger, config in configs[row.workflow].items()}
         missing = {key: want for key, want in wanted.items() if key not in existing}
         changed = {key: want for key, want in wanted.items()
@@ -170,7 +185,7 @@ class TriggerLoop(WorkLoop):
                 if state is not None:  # disabled meanwhile (the next sync removes it), or not in this catalog
                     await release(self.db, state, self.owner)
                 return
-            if state.config_hash != config.fingerprint():  # type: ignore[attr-defined]
+            if state.config_hash != state_fingerprint(config, workflow, subscription.params or {}):  # type: ignore[arg-type]
                 await release(self.db, state, self.owner)  # changed meanwhile: the next sync resets it
                 return
             if isinstance(config, PollTrigger):
