@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, or_, select, tuple_, update
+from sqlalchemy import and_, delete, exists, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -169,6 +169,35 @@ async def forget_delivered(db: Database, *, older_than: timedelta, batch_size: i
     return deleted, True
 
 
+async def forget_runless_events(db: Database, *, older_than: timedelta, batch_size: int = PRUNE_BATCH,
+                               until: float | None = None) -> tuple[int, bool]:
+    """Clear the payloads and headers of events received before the cutoff that started no run (no workflow
+    wanted them, an `if:` said no, a connection test), in batches. Their rows stay: duplicate detection still
+    looks them up. Events set aside keep theirs until retried (`relaybot events retry` needs them). Also whether
+    all were done."""
+    now = datetime.now(UTC)
+    cutoff = now - older_than
+    started_a_run = exists().where(Run.event_id == Event.id)
+    runless = and_(Event.pruned_at.is_(None), Event.processed_at.is_not(None), Event.intake_error.is_(None),
+                   Event.received_at < cutoff, ~started_a_run)
+    cleared, after = 0, 0
+    while True:
+        async with db.read() as session:
+            ids = list((await session.execute(select(Event.id).where(Event.id > after, runless)
+                                              .order_by(Event.id).limit(batch_size))).scalars())
+        if not ids:
+            return cleared, True
+        async with db.write() as session:
+            result = await session.execute(update(Event).where(Event.id.in_(ids), runless)
+                                           .values(payload={}, headers={}, pruned_at=now))
+        cleared += int(result.rowcount)  # type: ignore[attr-defined]
+        after = ids[-1]
+        if len(ids) < batch_size:
+            return cleared, True
+        if until is not None and time.monotonic() >= until:
+            return cleared, False
+
+
 class Housekeeping:
     def __init__(self, *, db: Database, owner: str, audit_channel: str | None, retention: timedelta,
                  on_posted: Callable[[], None], interval: float = 60.0, prune_batch: int = PRUNE_BATCH,
@@ -197,13 +226,16 @@ class Housekeeping:
         until = time.monotonic() + self.prune_for
         pruned, finished = await prune_until(self.db, older_than=self.retention, batch_size=self.prune_batch,
                                              until=until)
-        forgotten = 0
+        forgotten = runless = 0
         if finished:
             forgotten, finished = await forget_delivered(self.db, older_than=self.retention,
                                                          batch_size=self.prune_batch, until=until)
-        if pruned or forgotten:
-            log.info("retention: pruned the data of %d runs and deleted %d delivered Slack messages%s",
-                     sum(pruned.values()), forgotten,
+        if finished:
+            runless, finished = await forget_runless_events(self.db, older_than=self.retention,
+                                                            batch_size=self.prune_batch, until=until)
+        if pruned or forgotten or runless:
+            log.info("retention: pruned the data of %d runs and of %d events that started none, and deleted %d "
+                     "delivered Slack messages%s", sum(pruned.values()), runless, forgotten,
                      "" if finished else "; more are left, and pruning goes on at once")
         return finished
 

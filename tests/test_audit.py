@@ -247,6 +247,37 @@ async def test_retention_deletes_the_slack_messages_the_outbox_is_done_with(make
     assert await forget_delivered(db, older_than=timedelta(days=90)) == (0, True)
 
 
+async def test_retention_clears_the_payloads_of_old_events_that_started_no_run(make_bot, workflows, target):
+    """Pruning found events through their runs only: an event no workflow wanted (an `if:` said no, a
+    connection test) kept its payload and headers for good, most of the table on a busy organisation hook."""
+    from bot.housekeeping import forget_runless_events
+
+    bot = await workload(make_bot, workflows, target, runs=1)
+    db = bot.services.db
+    now = datetime.now(UTC)
+    old = now - timedelta(days=100)
+
+    def event(delivery: str, received_at: datetime, **extra) -> Event:
+        return Event(team_id=TEAM, source="webhook", delivery_id=delivery, kind="webhook", payload={"secret": 1},
+                     headers={"User-Agent": "x"}, received_at=received_at, processed_at=received_at,
+                     actionable=True, **extra)
+
+    async with db.write() as session:
+        await session.execute(update(Event).values(received_at=old))  # the workload's event, which has a run
+        session.add_all([event(f"old-{index}", old) for index in range(3)] +
+                        [event("recent", now), event("set-aside", old, intake_error="boom")])
+    assert await forget_runless_events(db, older_than=timedelta(days=90), batch_size=2, until=0.0) == (2, False)
+    assert await forget_runless_events(db, older_than=timedelta(days=90), batch_size=2) == (1, True)
+    async with db.read() as session:
+        kept = {row.delivery_id: (row.payload, row.headers, row.pruned_at is not None) for row in
+                (await session.execute(select(Event))).scalars()}
+    assert [kept[f"old-{index}"] for index in range(3)] == [({}, {}, True)] * 3
+    assert kept["recent"] == ({"secret": 1}, {"User-Agent": "x"}, False)
+    assert kept["set-aside"] == ({"secret": 1}, {"User-Agent": "x"}, False)  # `events retry` needs it
+    ran = [value for key, value in kept.items() if key.startswith("d")]
+    assert ran and all(payload for payload, _, pruned in ran)  # left to the pruning of runs
+
+
 APPENDER = textwrap.dedent("""
     import asyncio, sys
     from bot import audit
