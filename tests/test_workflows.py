@@ -441,3 +441,16 @@ def test_a_hash_inside_a_block_value_is_text_not_a_comment():
         steps: []
         """)
     assert any(":4:" in line and "starts a YAML comment" in line for line in message), message
+
+
+def test_the_workflow_if_is_refused_a_run_field_that_does_not_exist_yet():
+    """`if: run.channel == "C1"` passed validate, then failed for every event at intake (only `run.workflow`
+    exists before the run does): the workflow never started, with no more than an INFO line per event."""
+    message = problems("""
+        name: x
+        on: webhook
+        if: run.channel == "C0DEPLOYS" && event.ok
+        steps: []
+        """)
+    assert any(":3:" in line and "not `run.channel`" in line for line in message), message
+    assert compile_workflow("name: x\non: webhook\nif: run.workflow == 'x'\nsteps: []\n", file="x.yml").if_

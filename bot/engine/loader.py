@@ -458,6 +458,12 @@ def compile_workflow(text: str, *, file: str, default_name: str | None = None) -
             checker.parameters(("on", trigger), expression, params)
     if_ = (checker.expression(("if",), model.if_, allowed=base, steps_before=set(), params=params)
            if model.if_ else None)
+    # Before a run exists only its workflow is known: `run.channel` here would fail for every event, and the
+    # workflow would never start (each event logged as "does not match").
+    for field_path in (if_.reads or {}).get("run", ()) if if_ is not None else ():
+        if field_path and field_path[0] != "workflow":
+            checker.problem(("if",), f"the workflow's `if:` decides whether a run starts, so of `run` it sees only "
+                                     f"`run.workflow`, not `run.{field_path[0]}` (a step's `if:` sees the rest)")
     concurrency_key = None
     if model.concurrency is not None and model.concurrency.key:
         concurrency_key = checker.expression(("concurrency", "key"), model.concurrency.key,
