@@ -14,10 +14,10 @@ from tests.fakes.http_target import Reply
 pytestmark = BOTH_DATABASES
 
 
-async def setup(make_bot, workflows, text: str):
-    write_workflow(workflows, "pool", text)
+async def setup(make_bot, workflows, text: str, *, name: str = "pool"):
+    write_workflow(workflows, name, text)
     bot = await make_bot()
-    url, secret = connection_from(await bot.command("enable pool"), "webhook")
+    url, secret = connection_from(await bot.command(f"enable {name}"), "webhook")
 
     async def fire(payload: dict, delivery: str) -> None:
         status, _ = await bot.post(url, json.dumps(payload).encode(),
@@ -138,7 +138,7 @@ async def test_a_long_workflow_name_and_key_still_make_a_pool_the_database_takes
     """A pool key longer than its column is hashed; the hash once left the workflow name whole, and a long name
     (up to 63 characters) made a key PostgreSQL refused: the event was set aside and no run started."""
     name = "deploy-" + "x" * 56
-    write_workflow(workflows, name, f"""
+    bot, fire = await setup(make_bot, workflows, f"""
         name: {name}
         on: webhook
         concurrency: {{limit: 1, key: event.ref}}
@@ -146,13 +146,9 @@ async def test_a_long_workflow_name_and_key_still_make_a_pool_the_database_takes
           - id: deploy
             uses: http.request
             with: {{url: "{target.url}/deploy", method: PUT}}
-        """)
-    bot = await make_bot()
-    url, secret = connection_from(await bot.command(f"enable {name}"), "webhook")
+        """, name=name)
     for index in range(2):
-        status, _ = await bot.post(url, json.dumps({"ref": f"refs/heads/feature-{index}-" + "y" * 80}).encode(),
-                                   {"Authorization": f"Bearer {secret}", "X-Request-Id": f"long-{index}"})
-        assert status == 202
+        await fire({"ref": f"refs/heads/feature-{index}-" + "y" * 80}, f"long-{index}")
     await bot.slack.wait_for(lambda: len(target.requests_to("/deploy")) == 2, timeout=20)
     await bot.settle(timeout=20)
     pools = [run.concurrency_key for run in await runs(bot)]

@@ -128,8 +128,9 @@ async def test_step_in_flight_when_killed_is_taken_over_after_its_lease(
     assert any("resumed" in text or "*slow* started" in text for text in thread(slack, card))
 
 
-async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeating(
-        slack, workflows, target, tmp_path, database_url):
+async def create_cut_short_then_restarted(slack, workflows, target, tmp_path, database_url, *,
+                                          delivery: str) -> ServeProcess:
+    """A non-repeatable step (POST /create) killed mid-call, and a second process started on the database."""
     target.queue("/create", Reply(delay=6, body={"id": 1}))
     write_workflow(workflows, "create", f"""
         name: create
@@ -142,10 +143,14 @@ async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeatin
             with: {{url: "{target.url}/create", method: POST}}
         """)
     await kill_once_called(slack, workflows, target, tmp_path, database_url, workflow="create", path="/create",
-                           delivery="d-3")
+                           delivery=delivery)
+    return await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
+                              log=tmp_path / "serve.log").start()
 
-    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
-                                log=tmp_path / "serve.log").start()
+
+async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeating(
+        slack, workflows, target, tmp_path, database_url):
+    second = await create_cut_short_then_restarted(slack, workflows, target, tmp_path, database_url, delivery="d-3")
     try:
         card = await slack.wait_for(lambda: card_with(slack, lambda m: "retry" in buttons(m)), timeout=30)
         lines = await slack.wait_for(lambda: [t for t in thread(slack, card) if "outcome unknown" in t] and
@@ -165,21 +170,7 @@ async def test_a_non_idempotent_step_cut_short_asks_a_person_instead_of_repeatin
 async def test_a_cancelled_run_is_not_brought_back_by_a_retry_click(slack, workflows, target, tmp_path, database_url):
     """`/relay cancel` of a run whose step's outcome is unknown, then Retry on a card not refreshed yet: the
     click once won, set the run running again and repeated the non-repeatable step."""
-    target.queue("/create", Reply(delay=6, body={"id": 1}))
-    write_workflow(workflows, "create", f"""
-        name: create
-        on: webhook
-        steps:
-          - id: create
-            title: Create the release
-            uses: http.request
-            timeout: 60s
-            with: {{url: "{target.url}/create", method: POST}}
-        """)
-    await kill_once_called(slack, workflows, target, tmp_path, database_url, workflow="create", path="/create",
-                           delivery="d-4")
-    second = await ServeProcess(slack=slack, workflows=workflows, database_url=database_url,
-                                log=tmp_path / "serve.log").start()
+    second = await create_cut_short_then_restarted(slack, workflows, target, tmp_path, database_url, delivery="d-4")
     try:
         card = await slack.wait_for(lambda: card_with(slack, lambda m: "retry" in buttons(m)), timeout=30)
         stale = copy.deepcopy(card)

@@ -353,17 +353,22 @@ async def test_a_step_title_that_cannot_be_rendered_reads_unavailable_not_the_te
     assert "${{" not in block_texts(card) + " ".join(thread)
 
 
-async def test_an_input_too_big_for_its_type_fails_the_step_at_once(make_bot, workflows, target):
-    """A duration too long for Python's timedelta raised OverflowError, which the input checks did not catch: the
-    step stayed `running` for its lease, then became "outcome unknown" with a Retry button doing the same."""
-    bot, fire = await start(make_bot, workflows, "mute", f"""
+def silence_for_event_duration(target) -> str:
+    """A workflow of one step: an Alertmanager silence at the fake target, as long as the event says."""
+    return f"""
         name: mute
         {HOOK}
         steps:
           - id: mute
             uses: alertmanager.silence
             with: {{url: "{target.url}", labels: {{alertname: Disk}}, duration: "${{{{ event.duration }}}}"}}
-        """)
+        """
+
+
+async def test_an_input_too_big_for_its_type_fails_the_step_at_once(make_bot, workflows, target):
+    """A duration too long for Python's timedelta raised OverflowError, which the input checks did not catch: the
+    step stayed `running` for its lease, then became "outcome unknown" with a Retry button doing the same."""
+    bot, fire = await start(make_bot, workflows, "mute", silence_for_event_duration(target))
     await fire({"duration": "99999999999999d"})
     card = await bot.wait_card()
     thread = await bot.wait_thread(card, "Run failed", timeout=10)
@@ -376,15 +381,8 @@ async def test_an_error_answer_no_database_can_store_still_ends_the_step(make_bo
     record as it was, and the commit failed, every time: a repeatable step ran again at every lease, for good."""
     target.queue("/api/v2/silences", Reply(status=400, body='{"error": "bad \\ud83d label \\u0000 here"}',
                                            headers={"Content-Type": "application/json"}))
-    bot, fire = await start(make_bot, workflows, "mute", f"""
-        name: mute
-        {HOOK}
-        steps:
-          - id: mute
-            uses: alertmanager.silence
-            with: {{url: "{target.url}", labels: {{alertname: Disk}}, duration: 1h}}
-        """)
-    await fire({})
+    bot, fire = await start(make_bot, workflows, "mute", silence_for_event_duration(target))
+    await fire({"duration": "1h"})
     card = await bot.wait_card()
     thread = await bot.wait_thread(card, "Run failed", timeout=15)
     assert any("answered 400" in line and "label" in line and "here" in line for line in thread), thread
