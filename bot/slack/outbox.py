@@ -464,7 +464,7 @@ class Outbox(WorkLoop):
             error = str(exc.response.get("error", "error"))
             status = exc.response.status_code
             if status == 429 or error == "ratelimited":
-                retry_after = float(_retry_after(exc.response.headers))
+                retry_after = _retry_after(exc.response.headers)
                 self._bucket(pace_channel).paused_until = time.monotonic() + retry_after
                 self.metrics.slack_retries.labels(method=method, reason="429").inc()
                 raise RetryLater(retry_after, f"rate limited ({retry_after:g}s)", rate_limited=True) from None
